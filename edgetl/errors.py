@@ -1,0 +1,80 @@
+"""One exception family for everything a user can get wrong, and the exit codes scripts branch on.
+
+The CLI catches :class:`EdgetlError` once, prints ``error: <message>`` and the hint on one line each,
+and exits with the error's code. Library code raises; it never prints or exits.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes. Documented in the README; values never change once released."""
+
+    OK = 0
+    ERROR = 1  # anything else that went wrong (bad data, bad weights, I/O)
+    USAGE = 2  # bad command line (click's own code for usage errors)
+    PARITY_FAILED = 3  # an exported model does not match the float model
+    CONSTRAINT_VIOLATED = 4  # a model does not fit the target's limits
+    MISSING_DEPENDENCY = 5  # an optional extra is not installed
+    INTERRUPTED = 130  # Ctrl-C; the run can be resumed
+
+
+class EdgetlError(Exception):
+    """A failure with a message a user can act on.
+
+    Args:
+        message: what went wrong, one line.
+        hint: what to do about it, one line (optional).
+    """
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class DataError(EdgetlError):
+    """The dataset cannot be used as given."""
+
+
+class WeightsError(EdgetlError):
+    """Initial weights cannot be resolved or do not fit the model."""
+
+
+class ConfigError(EdgetlError):
+    """A configuration value or file is invalid."""
+
+    exit_code = ExitCode.USAGE
+
+
+class RunDirError(EdgetlError):
+    """A run directory is missing, incomplete or inconsistent with the request."""
+
+
+class MissingDependencyError(EdgetlError):
+    """An optional dependency is not installed; the hint names the extra."""
+
+    exit_code = ExitCode.MISSING_DEPENDENCY
+
+
+class Interrupted(EdgetlError):
+    """The user pressed Ctrl-C; state was saved and the run can be resumed."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise :class:`MissingDependencyError` naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{module} is not installed ({exc})",
+            hint=f'pip install "edgetl[{extra}]"',
+        ) from None

@@ -1,0 +1,710 @@
+"""Freeze-then-unfreeze fine-tuning of MobileNetV2 into a run directory.
+
+Phase 1 trains a new head on a frozen backbone (no gradients, BatchNorm in eval mode). Phase 2
+unfreezes ``features[unfreeze_from:]`` and continues with a lower learning rate for the backbone, a
+linear warm-up and a cosine decay, and early stopping on validation loss. The best epoch's weights are
+what the run keeps.
+
+The input pipeline decodes every image once into uint8 memory; random resized crops, flips and colour
+jitter are done on whole batches with tensor ops on the training device.
+
+After every epoch the complete training state is saved atomically to ``checkpoints/last.pt``; a run
+stopped by Ctrl-C or a kill resumes from there with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetl import __version__
+from edgetl.artifacts import atomic_path, atomic_write, read_manifest, update_manifest, write_json
+from edgetl.config import FinetuneConfig
+from edgetl.data import DatasetSplits, LoadedSplit, discover, load_split
+from edgetl.errors import ConfigError, DataError, Interrupted, RunDirError
+from edgetl.model import (
+    EdgeClassifier,
+    default_unfreeze_from,
+    load_initial_weights,
+    set_train_mode,
+    set_trainable,
+)
+from edgetl.runtime.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "edgetl-checkpoint"
+CHECKPOINT_VERSION = 1
+STATE_PATH = "checkpoints/last.pt"
+HISTORY_FIELDS = [
+    "epoch",
+    "phase",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr_head",
+    "lr_backbone",
+    "images_per_s",
+    "seconds",
+]
+# Settings that may differ between the start of a run and its resumption.
+RESUMABLE_OVERRIDES = frozenset({"device", "decode_workers"})
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced. Paths are inside ``run_dir``."""
+
+    run_dir: Path
+    classes: list[str]
+    best_epoch: int
+    best_val_loss: float
+    best_val_acc: float
+    phase1_val_acc: float | None  # best validation accuracy within phase 1
+    phase2_val_acc: float | None  # best validation accuracy within phase 2
+    test_acc: float | None
+    epochs_run: int
+    stopped_early: bool
+    skipped_files: int
+    device: str
+    seconds: float
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items()}
+        out["run_dir"] = str(self.run_dir)
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def augment(
+    batch: torch.Tensor, out_size: int, cfg: FinetuneConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Random resized crop, horizontal flip and colour jitter for a whole batch.
+
+    Args:
+        batch: uint8 ``[N, S, S, 3]`` square training images on the training device.
+        out_size: side of the output crops.
+        cfg: augmentation settings (``min_crop_scale``, ``flip``, ``color_jitter``).
+        generator: random source on the same device, so runs are reproducible.
+
+    Returns:
+        float ``[N, 3, out_size, out_size]`` pixels in 0..255.
+    """
+    n = batch.shape[0]
+    device = batch.device
+    pixels = batch.permute(0, 3, 1, 2).float()
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, device=device, generator=generator) * (high - low) + low
+
+    # One affine grid per image: crop area fraction, aspect ratio, position and flip.
+    area = uniform(cfg.min_crop_scale, 1.0)
+    ratio = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+    crop_w = torch.sqrt(area * ratio).clamp(max=1.0)
+    crop_h = torch.sqrt(area / ratio).clamp(max=1.0)
+    shift_x = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - crop_w)
+    shift_y = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - crop_h)
+    sign = torch.ones(n, device=device)
+    if cfg.flip:
+        sign = torch.where(torch.rand(n, device=device, generator=generator) < 0.5, -sign, sign)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = crop_w * sign
+    theta[:, 0, 2] = shift_x
+    theta[:, 1, 1] = crop_h
+    theta[:, 1, 2] = shift_y
+    grid = F.affine_grid(theta, [n, 3, out_size, out_size], align_corners=False)
+    pixels = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    if cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        shape = (n, 1, 1, 1)
+        grey = (pixels * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(
+            1, keepdim=True
+        )
+        saturation = uniform(1 - j, 1 + j).view(shape)
+        pixels = grey + (pixels - grey) * saturation
+        contrast = uniform(1 - j, 1 + j).view(shape)
+        mean = grey.mean(dim=(2, 3), keepdim=True)
+        pixels = mean + (pixels - mean) * contrast
+        brightness = uniform(1 - j, 1 + j).view(shape)
+        pixels = pixels * brightness
+    return pixels.clamp_(0, 255)
+
+
+def to_model_input(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` in 0..255 (eval input, no augmentation)."""
+    return batch.permute(0, 3, 1, 2).float()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
+    """Float32 logits of ``model`` on eval-preprocessed uint8 NHWC images."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+        with _autocast(device):
+            outputs.append(model(_channels_last(to_model_input(batch), device)).float().cpu())
+    if not outputs:
+        return np.zeros((0, 0), np.float32)
+    return torch.cat(outputs).numpy()
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Top-1 (and top-5 with >= 5 classes), loss, per-class accuracy and confusion matrix."""
+    num_classes = len(classes)
+    if len(labels) == 0:
+        return {"count": 0}
+    preds = logits.argmax(1)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        total = int(confusion[i].sum())
+        per_class[name] = float(confusion[i, i] / total) if total else None
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    metrics = {
+        "count": int(len(labels)),
+        "top1": float((preds == labels).mean()),
+        "loss": float(loss),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+    if num_classes >= 5:
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        metrics["top5"] = float((top5 == labels[:, None]).any(1).mean())
+    return metrics
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _channels_last(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+# ----------------------------------------------------------------------------- optimisers
+
+
+def build_optimizer(
+    model: EdgeClassifier, cfg: FinetuneConfig, phase: int, unfreeze_from: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Phase 1: AdamW on the head at ``lr``, constant. Phase 2: head and backbone parameter groups,
+    backbone LR = head LR x ``backbone_lr_mult``, linear warm-up then cosine decay (per step)."""
+    if phase == 1:
+        groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    head_lr = cfg.phase2_head_lr
+    backbone = [p for block in model.features[unfreeze_from:] for p in block.parameters()]
+    groups = [{"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": head_lr * cfg.backbone_lr_mult, "name": "backbone"})
+    optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=cfg.weight_decay)
+    total = max(1, cfg.finetune_epochs * steps_per_epoch)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
+    for group in optimizer.param_groups:
+        if group.get("name") == name:
+            return float(group["lr"])
+    return None
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None
+    )
+
+
+def train_one_epoch(
+    model: EdgeClassifier,
+    train: LoadedSplit,
+    train_on_device: torch.Tensor,
+    cfg: FinetuneConfig,
+    phase: int,
+    unfreeze_from: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    epoch: int,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over the training split. Returns loss, accuracy and images/s."""
+    set_train_mode(model, phase, unfreeze_from, cfg.bn)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train.labels))
+    epoch_seed = cfg.seed * 100_003 + epoch
+    torch.manual_seed(epoch_seed)  # dropout: a resumed run draws what the uninterrupted one would
+    generator = torch.Generator(device=device).manual_seed(epoch_seed)
+    labels_all = torch.from_numpy(train.labels).to(device)
+    # Drop a last batch of one: BatchNorm in train mode cannot normalise a single sample.
+    n_used = len(order) - 1 if len(order) % cfg.batch_size == 1 and len(order) > 1 else len(order)
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    with _progress(n_used, desc) as bar:
+        for begin in range(0, n_used, cfg.batch_size):
+            index = torch.from_numpy(order[begin : min(begin + cfg.batch_size, n_used)]).to(device)
+            pixels = augment(train_on_device[index], cfg.image_size, cfg, generator)
+            labels = labels_all[index]
+            with _autocast(device):
+                logits = model(_channels_last(pixels, device))
+                loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            batch = len(index)
+            loss_sum += loss.item() * batch
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += batch
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            bar.update(batch)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{rate:.0f}")
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "images_per_s": seen / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def _phase_of(epoch: int, cfg: FinetuneConfig) -> int:
+    return 1 if epoch < cfg.head_epochs else 2
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    with atomic_path(run_dir / STATE_PATH) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATE_PATH
+    if not path.is_file():
+        raise RunDirError(
+            f"nothing to resume: {path} does not exist",
+            hint="start the run without --resume",
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RunDirError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_resume_config(stored: dict[str, Any], given: dict[str, Any]) -> None:
+    for key, value in given.items():
+        if value is None or key in RESUMABLE_OVERRIDES:
+            continue
+        if key in stored and stored[key] != value:
+            raise ConfigError(
+                f"--resume continues with the run's stored settings, but {key}={value!r} was given "
+                f"(the run has {stored[key]!r})",
+                hint="drop the option, or start a new run with --out elsewhere",
+            )
+
+
+def finetune(
+    data: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    cfg: FinetuneConfig,
+    *,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> FinetuneResult:
+    """Fine-tune MobileNetV2 on an image folder and write the run directory.
+
+    Args:
+        data: dataset folder (see :mod:`edgetl.data`).
+        run_dir: output folder; created if needed. Must not hold another run unless ``resume``.
+        cfg: the resolved configuration.
+        resume: continue the run in ``run_dir`` from its last completed epoch.
+        overrides: the options the user gave explicitly; with ``resume`` they must agree with the
+            stored configuration (except the device).
+
+    Returns:
+        A :class:`FinetuneResult`.
+
+    Raises:
+        DataError, WeightsError, ConfigError, RunDirError: bad input; nothing is overwritten.
+        Interrupted: Ctrl-C; state up to the last completed epoch is saved.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir).expanduser()
+    state: dict[str, Any] | None = None
+    if resume:
+        state = _load_state(run_dir)
+        _check_resume_config(state["config"], overrides or {})
+        stored = dict(state["config"])
+        for key in RESUMABLE_OVERRIDES:
+            if (overrides or {}).get(key) is not None:
+                stored[key] = overrides[key]
+        cfg = FinetuneConfig.build(stored)
+    elif (run_dir / STATE_PATH).exists() or (run_dir / "model.pt").exists():
+        raise RunDirError(
+            f"{run_dir} already holds a fine-tuning run",
+            hint="add --resume to continue it, or choose another --out",
+        )
+
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    splits = discover(data, cfg.val_fraction, cfg.seed)
+    fingerprint = splits.fingerprint()
+    if state is not None and state["data_fingerprint"] != fingerprint:
+        raise DataError(
+            f"the data in {splits.root} differs from the data this run started with",
+            hint="resume with the same dataset, or start a new run",
+        )
+    log.info(
+        "%d classes; %d train / %d val / %d test images (%s layout)",
+        len(splits.classes),
+        *splits.counts().values(),
+        splits.layout,
+    )
+
+    spec = PreprocessSpec.for_size(cfg.image_size)
+    skipped: list[dict[str, str]] = []
+    loaded = _load_data(splits, spec, cfg, skipped)
+    train, val, test = loaded["train"], loaded["val"], loaded["test"]
+
+    model = EdgeClassifier(len(splits.classes), cfg.width, spec.mean, spec.std, cfg.dropout)
+    unfreeze_from = cfg.unfreeze_from if cfg.unfreeze_from is not None else default_unfreeze_from(model)
+    if unfreeze_from > len(model.features):
+        raise ConfigError(
+            f"--unfreeze-from {unfreeze_from} is past the last block ({len(model.features) - 1})"
+        )
+    if state is None:
+        weights_source = load_initial_weights(model, cfg.weights, cfg.width)
+        history: list[dict[str, Any]] = []
+        best = {"val_loss": math.inf, "epoch": -1, "state": None}
+        epochs_since_best, stopped_early, next_epoch = 0, False, 0
+    else:
+        weights_source = state["weights_source"]
+        model.load_state_dict(state["model"])
+        history = state["history"]
+        best = state["best"]
+        epochs_since_best = state["epochs_since_best"]
+        stopped_early = state["stopped_early"]
+        next_epoch = state["next_epoch"]
+        log.info("resuming %s at epoch %d", run_dir, next_epoch + 1)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+    train_on_device = torch.from_numpy(train.images).to(device)
+    steps_per_epoch = max(1, math.ceil(len(train.labels) / cfg.batch_size))
+    total_epochs = cfg.head_epochs + cfg.finetune_epochs
+    optimizer = scheduler = None
+    optimizer_phase = None
+    config_dict = cfg.to_dict()
+
+    epoch = next_epoch
+    try:
+        while epoch < total_epochs and not stopped_early:
+            phase = _phase_of(epoch, cfg)
+            if optimizer_phase != phase:
+                set_trainable(model, phase, unfreeze_from)
+                optimizer, scheduler = build_optimizer(model, cfg, phase, unfreeze_from, steps_per_epoch)
+                optimizer_phase = phase
+                if state is not None and state["optimizer_phase"] == phase and state["optimizer"]:
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+            lr_head = _group_lr(optimizer, "head")
+            lr_backbone = _group_lr(optimizer, "backbone")
+            desc = f"epoch {epoch + 1}/{total_epochs} (phase {phase})"
+            stats = train_one_epoch(
+                model, train, train_on_device, cfg, phase, unfreeze_from,
+                optimizer, scheduler, device, epoch, desc,
+            )  # fmt: skip
+            val_logits = predict_logits(model, val.images, device)
+            val_metrics = classification_metrics(val_logits, val.labels, splits.classes)
+            row = {
+                "epoch": epoch + 1,
+                "phase": phase,
+                **stats,
+                "val_loss": val_metrics["loss"],
+                "val_acc": val_metrics["top1"],
+                "lr_head": lr_head,
+                "lr_backbone": lr_backbone,
+            }
+            history.append(row)
+            log.info(
+                "%s: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f img/s",
+                desc, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
+                row["images_per_s"],
+            )  # fmt: skip
+            if row["val_loss"] < best["val_loss"]:
+                best = {"val_loss": row["val_loss"], "epoch": epoch + 1, "state": _cpu_state(model)}
+                epochs_since_best = 0
+            elif phase == 2:
+                epochs_since_best += 1
+            if phase == 2 and cfg.patience and epochs_since_best >= cfg.patience:
+                log.info("early stop: no better validation loss for %d epochs", cfg.patience)
+                stopped_early = True
+            epoch += 1
+            _save_state(
+                run_dir,
+                {
+                    "format": CHECKPOINT_FORMAT + "-state",
+                    "config": config_dict,
+                    "data_fingerprint": fingerprint,
+                    "weights_source": weights_source,
+                    "model": _cpu_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "optimizer_phase": phase,
+                    "history": history,
+                    "best": best,
+                    "epochs_since_best": epochs_since_best,
+                    "stopped_early": stopped_early,
+                    "next_epoch": epoch,
+                },
+            )
+            state = None  # optimizer state from a resumed checkpoint applies to its phase only once
+    except KeyboardInterrupt:
+        done = len(history)
+        raise Interrupted(
+            f"interrupted; {done} of {total_epochs} epochs are saved in {run_dir / STATE_PATH}",
+            hint=f"continue with: edgetl finetune {data} --out {run_dir} --resume",
+        ) from None
+
+    model.load_state_dict(best["state"])
+    result = _finalize(
+        run_dir, model, splits, spec, cfg, device, val, test, history, best, skipped,
+        weights_source, unfreeze_from, fingerprint, stopped_early,
+    )  # fmt: skip
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _load_data(
+    splits: DatasetSplits, spec: PreprocessSpec, cfg: FinetuneConfig, skipped: list[dict[str, str]]
+) -> dict[str, LoadedSplit]:
+    loaded = {}
+    for name, eval_crop in (("train", False), ("val", True), ("test", True)):
+        samples = getattr(splits, name)
+        t0 = time.perf_counter()
+        with _progress(len(samples), f"decoding {name}") as bar:
+            loaded[name] = load_split(
+                samples, spec.resize_size, spec, eval_crop=eval_crop,
+                workers=cfg.decode_workers, skipped=skipped,
+                progress=lambda done, bar=bar: bar.update(done - bar.n),
+            )  # fmt: skip
+        if samples:
+            log.info("decoded %d %s images in %.1fs", len(samples), name, time.perf_counter() - t0)
+    present = set(loaded["train"].labels.tolist())
+    missing = [c for i, c in enumerate(splits.classes) if i not in present]
+    if missing:
+        raise DataError(f"no readable training images left for class(es): {', '.join(missing)}")
+    return loaded
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _csv_value(row.get(k)) for k in HISTORY_FIELDS})
+    return out.getvalue()
+
+
+def _best_in_phase(history: list[dict[str, Any]], phase: int) -> float | None:
+    accs = [row["val_acc"] for row in history if row["phase"] == phase]
+    return max(accs) if accs else None
+
+
+def _finalize(
+    run_dir: Path,
+    model: EdgeClassifier,
+    splits: DatasetSplits,
+    spec: PreprocessSpec,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    val: LoadedSplit,
+    test: LoadedSplit,
+    history: list[dict[str, Any]],
+    best: dict[str, Any],
+    skipped: list[dict[str, str]],
+    weights_source: str,
+    unfreeze_from: int,
+    fingerprint: str,
+    stopped_early: bool,
+) -> FinetuneResult:
+    """Evaluate the best weights and write every artifact of the run."""
+    from edgetl import report
+
+    val_metrics = classification_metrics(predict_logits(model, val.images, device), val.labels, splits.classes)
+    test_metrics = (
+        classification_metrics(predict_logits(model, test.images, device), test.labels, splits.classes)
+        if len(test.labels)
+        else None
+    )
+    arch = {"name": "mobilenet_v2", "width": cfg.width, "num_classes": len(splits.classes)}
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "edgetl_version": __version__,
+        "arch": arch,
+        "state_dict": {k: v.cpu() for k, v in best["state"].items()},
+        "labels": list(splits.classes),
+        "preprocess": spec.to_dict(),
+        "config": cfg.to_dict(),
+        "best_epoch": best["epoch"],
+    }
+    with atomic_path(run_dir / "model.pt") as tmp:
+        torch.save(checkpoint, tmp)
+    atomic_write(run_dir / "labels.txt", "".join(f"{c}\n" for c in splits.classes))
+    atomic_write(run_dir / "history.csv", _history_csv(history))
+    metrics = {
+        "best_epoch": best["epoch"],
+        "val": val_metrics,
+        "test": test_metrics,
+        "phase1_best_val_acc": _best_in_phase(history, 1),
+        "phase2_best_val_acc": _best_in_phase(history, 2),
+        "stopped_early": stopped_early,
+        "epochs_run": len(history),
+        "counts": {
+            "train": len(splits.train),
+            "val": len(splits.val),
+            "test": len(splits.test),
+            "skipped": len(skipped),
+        },
+        "skipped_files": skipped,
+        "classes": splits.classes,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    report.training_curves(history, cfg.head_epochs, run_dir / "training.png")
+    report.confusion_matrix(val_metrics["confusion_matrix"], splits.classes, run_dir / "confusion.png")
+
+    files = ["model.pt", "labels.txt", "history.csv", "metrics.json", "training.png", "confusion.png"]
+    update_manifest(
+        run_dir,
+        "finetune",
+        files,
+        {
+            "arch": arch,
+            "labels": list(splits.classes),
+            "preprocess": spec.to_dict(),
+            "config": cfg.to_dict(),
+            "unfreeze_from": unfreeze_from,
+            "weights": weights_source,
+            "data": {"root": str(splits.root), "layout": splits.layout, "fingerprint": fingerprint},
+            "best_epoch": best["epoch"],
+            "val_top1": val_metrics["top1"],
+            "test_top1": test_metrics["top1"] if test_metrics else None,
+            "device": str(device),
+            "versions": {"torch": torch.__version__, "torchvision": _torchvision_version()},
+        },
+    )
+    return FinetuneResult(
+        run_dir=run_dir,
+        classes=list(splits.classes),
+        best_epoch=best["epoch"],
+        best_val_loss=float(best["val_loss"]),
+        best_val_acc=val_metrics["top1"],
+        phase1_val_acc=_best_in_phase(history, 1),
+        phase2_val_acc=_best_in_phase(history, 2),
+        test_acc=test_metrics["top1"] if test_metrics else None,
+        epochs_run=len(history),
+        stopped_early=stopped_early,
+        skipped_files=len(skipped),
+        device=str(device),
+        seconds=0.0,
+        files=files,
+    )
+
+
+def _torchvision_version() -> str:
+    import torchvision
+
+    return torchvision.__version__
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> tuple[EdgeClassifier, dict[str, Any]]:
+    """Load a finished run's best model (in eval mode, on the CPU) and its checkpoint metadata.
+
+    Raises:
+        RunDirError: no finished fine-tuning in ``run_dir`` or an unreadable checkpoint.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no model.pt", hint="run edgetl finetune first")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunDirError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise RunDirError(f"{path} is not an edgetl checkpoint of version {CHECKPOINT_VERSION}")
+    spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
+    arch = checkpoint["arch"]
+    model = EdgeClassifier(arch["num_classes"], arch["width"], spec.mean, spec.std)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    read_manifest(run_dir)  # a run dir with an unreadable manifest is not trusted either
+    return model, checkpoint
