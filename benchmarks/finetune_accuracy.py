@@ -86,7 +86,8 @@ def main() -> int:
             f"{pct(run['final_val_acc'])} (epoch {run['best_epoch']}) | {run['epochs_run']} | "
             f"{run['seconds']:.0f}s |"
         )
-    path = write_result(f"finetune_accuracy_{args.tag}", {"machine": info, "runs": runs}, "\n".join(lines) + "\n")
+    result = {"machine": info, "runs": runs}
+    path = write_result(f"finetune_accuracy_{args.tag}", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {path}")
     return 0

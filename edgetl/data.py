@@ -260,7 +260,7 @@ def load_split(
     images, labels, paths = [], [], []
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (sample, result) in enumerate(zip(samples, pool.map(load, samples)), start=1):
+        for done, (sample, result) in enumerate(zip(samples, pool.map(load, samples), strict=True), start=1):
             if isinstance(result, str):
                 log.warning("skipping unreadable image %s: %s", sample.path, result)
                 if skipped is not None:

@@ -7,6 +7,8 @@ between host and device cannot happen.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import socket
 from pathlib import Path
@@ -87,7 +89,9 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a firewalled network must fail, not hang
     try:
-        return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+        # torch.hub announces each download attempt on stdout, which would corrupt --json output.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, OSError, hash mismatch: all mean "not available"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(

@@ -96,9 +96,9 @@ def generate(
 ) -> Path:
     """Write ``out/<class>/NNNN.png`` (and ``out/test/<class>/`` if asked); return ``out``.
 
-    With ``class_colors`` each class also has its own colour (an easy task, for tests of models
-    that start from random weights). The folder appears complete or not at all (built beside it, then renamed). An existing folder
-    generated with the same parameters is reused as is.
+    With ``class_colors`` each class also has its own colour (an easier task). The folder appears
+    complete or not at all (built beside it, then renamed). An existing folder generated with the
+    same parameters is reused as is.
     """
     out = Path(out)
     params = {"classes": list(classes), "per_class": per_class, "size": size, "seed": seed,

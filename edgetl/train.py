@@ -422,10 +422,6 @@ def finetune(
     )
 
     spec = PreprocessSpec.for_size(cfg.image_size)
-    skipped: list[dict[str, str]] = []
-    loaded = _load_data(splits, spec, cfg, skipped)
-    train, val, test = loaded["train"], loaded["val"], loaded["test"]
-
     model = EdgeClassifier(len(splits.classes), cfg.width, spec.mean, spec.std, cfg.dropout)
     unfreeze_from = cfg.unfreeze_from if cfg.unfreeze_from is not None else default_unfreeze_from(model)
     if unfreeze_from > len(model.features):
@@ -446,6 +442,10 @@ def finetune(
         stopped_early = state["stopped_early"]
         next_epoch = state["next_epoch"]
         log.info("resuming %s at epoch %d", run_dir, next_epoch + 1)
+    # Decoding comes after the weights are resolved, so that bad weights fail fast.
+    skipped: list[dict[str, str]] = []
+    loaded = _load_data(splits, spec, cfg, skipped)
+    train, val, test = loaded["train"], loaded["val"], loaded["test"]
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -598,7 +598,8 @@ def _finalize(
     """Evaluate the best weights and write every artifact of the run."""
     from edgetl import report
 
-    val_metrics = classification_metrics(predict_logits(model, val.images, device), val.labels, splits.classes)
+    val_logits = predict_logits(model, val.images, device)
+    val_metrics = classification_metrics(val_logits, val.labels, splits.classes)
     test_metrics = (
         classification_metrics(predict_logits(model, test.images, device), test.labels, splits.classes)
         if len(test.labels)

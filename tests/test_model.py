@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_WEIGHTS, needs_shared_weights
+
 from edgetl.config import FinetuneConfig
 from edgetl.data import LoadedSplit
 from edgetl.errors import WeightsError
@@ -172,4 +172,4 @@ def test_warmup_then_cosine_schedule():
     assert lrs[0] < lrs[5] < lrs[9] <= peak + 1e-12  # warm-up rises
     assert max(lrs) == pytest.approx(peak)
     assert lrs[-1] < 0.05 * peak  # cosine ends near zero
-    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # and only decays
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:], strict=False))  # and only decays

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SHARED, SIGN_DATA
 from PIL import Image
 
-from conftest import SIGN_DATA, SHARED
 from edgetl.data import decode_image
 from edgetl.runtime.preprocess import PreprocessSpec, center_crop, load_image, normalize, prepare
 
