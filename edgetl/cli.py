@@ -157,3 +157,88 @@ def demo(data: str | None, out_dir: str, as_json: bool) -> None:
 
     result = run_demo(out_dir, data=data, weights=os.environ.get(WEIGHTS_ENV))
     _emit(as_json, result.to_dict(), result.summary())
+
+
+def _parity_lines(report: Any) -> list[str]:
+    lines = []
+    for name, m in report.artifacts.items():
+        verdict = "pass" if m["passed"] else "FAIL"
+        lines.append(
+            f"  {name:<22} top-1 {100 * m['top1']:6.2f}%  Δ {m['delta_top1_pp']:+.2f} pp  "
+            f"agreement {100 * m['agreement']:6.2f}%  {verdict}"
+        )
+    return lines
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=str))
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also make the full-integer model.")
+@click.option("--calib", default=None, help="Calibration recipe: a name in calib/ or a .toml path [default].")
+@click.option("--calib-dir", type=click.Path(path_type=str), default=None,
+              help="Calibrate on your own folder of representative images instead.")
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="Check parity on this folder (DATA/<class>/...) instead of the run's val split.")
+@click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points [1.0].")
+@click.option("--min-agreement", type=float, default=None, help="Required top-1 agreement [0.98].")
+@click.option("--no-remedies", is_flag=True, help="Do not diagnose or try remedies when int8 fails.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def export(run_dir: str, int8: bool, calib: str | None, calib_dir: str | None, data: str | None,
+           max_drop: float | None, min_agreement: float | None, no_remedies: bool, as_json: bool) -> None:
+    """Export RUN_DIR to ONNX and TFLite (float32, int8), verify, and check parity.
+
+    Exits 3 when an artifact fails parity; failing artifacts are marked so that packaging refuses them.
+    """
+    require("torch", "train")
+    require("onnx2tf", "export")
+    from edgetl.errors import ExitCode
+    from edgetl.export import ExportConfig
+    from edgetl.export import export as run_export
+
+    cfg = ExportConfig(int8=int8, calib=calib or "default", calib_dir=calib_dir,
+                       remedies=not no_remedies, thresholds=_thresholds(max_drop, min_agreement))  # fmt: skip
+    result = run_export(run_dir, cfg, data)
+    sizes = [f"  {name:<22} {a['bytes'] / 1e6:6.2f} MB  {a['precision']}" for name, a in result.artifacts.items()]
+    text = [f"exported {run_dir}:", *sizes, "parity (vs float PyTorch):", *_parity_lines(result.parity)]
+    text += [f"remedy: {r['remedy']}: {'pass' if r.get('passed') else 'fail'}" for r in result.remedies
+             if "passed" in r]  # fmt: skip
+    text.append(f"time: {result.timings['total_s']:.0f}s; report: {run_dir}/parity.md")
+    _emit(as_json, result.to_dict(), "\n".join(text))
+    if not result.parity.passed:
+        sys.exit(int(ExitCode.PARITY_FAILED))
+
+
+def _thresholds(max_drop: float | None, min_agreement: float | None) -> Any:
+    from edgetl.errors import ConfigError
+    from edgetl.parity import Thresholds
+
+    defaults = Thresholds()
+    thresholds = Thresholds(
+        max_drop=defaults.max_drop if max_drop is None else max_drop,
+        min_agreement=defaults.min_agreement if min_agreement is None else min_agreement,
+    )
+    if thresholds.max_drop < 0 or not 0 <= thresholds.min_agreement <= 1:
+        raise ConfigError("--max-drop must be >= 0 and --min-agreement within 0..1")
+    return thresholds
+
+
+@main.command("check")
+@click.argument("run_dir", type=click.Path(path_type=str))
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="Evaluate on this folder (DATA/<class>/...) instead of the run's val split.")
+@click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points [1.0].")
+@click.option("--min-agreement", type=float, default=None, help="Required top-1 agreement [0.98].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def check_command(run_dir: str, data: str | None, max_drop: float | None, min_agreement: float | None,
+                  as_json: bool) -> None:
+    """Check every exported model in RUN_DIR against the float model (exit 3 on failure)."""
+    require("torch", "train")
+    from edgetl.errors import ExitCode
+    from edgetl.parity import check
+
+    report = check(run_dir, _thresholds(max_drop, min_agreement), data)
+    float_top1 = 100 * report.float_metrics["top1"]
+    text = [f"parity on {report.data['count']} images ({report.data['source']}); float top-1 {float_top1:.2f}%",
+            *_parity_lines(report), f"report: {run_dir}/parity.md"]  # fmt: skip
+    _emit(as_json, report.to_dict(), "\n".join(text))
+    if not report.passed:
+        sys.exit(int(ExitCode.PARITY_FAILED))

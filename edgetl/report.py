@@ -65,3 +65,24 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], path: str | Pa
     fig.tight_layout()
     _save(fig, Path(path))
     plt.close(fig)
+
+
+def per_class_bars(classes: list[str], series: dict[str, list[float]], path: str | Path) -> None:
+    """Per-class top-1 (%) of the float model and each artifact, side by side."""
+    import numpy as np
+
+    plt = _pyplot()
+    n, k = len(classes), len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n * k + 2), 4))
+    width = 0.8 / max(k, 1)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(n) + (i - (k - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("per-class accuracy: float vs exported")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)

@@ -1,0 +1,293 @@
+"""Accuracy parity: every exported artifact against the float PyTorch model, on held-out images.
+
+All models see the same uint8 crops from :func:`edgetl.runtime.preprocess.prepare` (the device's
+code). Per artifact: top-1 (top-5 with >= 5 classes), Δtop-1 vs float, top-1 agreement with float,
+logit cosine and SQNR, per-class accuracy Δ and the worst classes. An artifact passes when its top-1
+drop is at most ``max_drop`` percentage points and its agreement at least ``min_agreement``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.artifacts import atomic_write, read_manifest, verify_files, write_json
+from edgetl.errors import DataError, RunDirError
+
+log = logging.getLogger(__name__)
+
+# Artifacts a run can hold, in report order: file -> (format, precision).
+ARTIFACTS = {
+    "model.onnx": ("onnx", "float32"),
+    "model_float32.tflite": ("tflite", "float32"),
+    "model_int8.tflite": ("tflite", "int8"),
+    "model_int16x8.tflite": ("tflite", "int16x8"),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_drop: float = 1.0  # percentage points of top-1 an artifact may lose against float
+    min_agreement: float = 0.98  # share of images whose top-1 must equal the float model's
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_drop": self.max_drop, "min_agreement": self.min_agreement}
+
+
+def compare(
+    reference: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    """Metrics of ``logits`` against the float ``reference`` logits and the true ``labels``."""
+    pred, ref_pred = logits.argmax(1), reference.argmax(1)
+    error = reference - logits
+    cosine = np.sum(reference * logits, 1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(logits, axis=1) + 1e-12
+    )
+    noise = float(np.sum(error**2))
+    sqnr = math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference**2)) / noise)
+    per_class = {}
+    for index, name in enumerate(classes):
+        mask = labels == index
+        if mask.any():
+            acc, ref_acc = float((pred[mask] == index).mean()), float((ref_pred[mask] == index).mean())
+            per_class[name] = {"top1": acc, "delta_pp": 100 * (acc - ref_acc), "count": int(mask.sum())}
+    worst = sorted(per_class, key=lambda c: per_class[c]["delta_pp"])[:3]
+    metrics = {
+        "count": int(len(labels)),
+        "top1": float((pred == labels).mean()),
+        "delta_top1_pp": 100 * float((pred == labels).mean() - (ref_pred == labels).mean()),
+        "agreement": float((pred == ref_pred).mean()),
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "sqnr_db": sqnr if math.isfinite(sqnr) else None,
+        "max_abs_logit_diff": float(np.abs(error).max()),
+        "per_class": per_class,
+        "worst_classes": [c for c in worst if per_class[c]["delta_pp"] < 0],
+    }
+    if len(classes) >= 5:
+        top5 = np.argsort(-logits, 1)[:, :5]
+        metrics["top5"] = float((top5 == labels[:, None]).any(1).mean())
+    return metrics
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def torch_logits(model: Any, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    from edgetl.train import predict_logits
+
+    return predict_logits(model, images, torch.device("cpu"))
+
+
+def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(images: np.ndarray) -> np.ndarray:
+        out = [session.run(None, {name: img[None].transpose(0, 3, 1, 2).astype(np.float32)})[0][0]
+               for img in images]  # fmt: skip
+        return np.asarray(out, np.float32)
+
+    return run
+
+
+def tflite_runner(path: Path, num_threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    from edgetl.runtime.model import TFLiteClassifier
+
+    model = TFLiteClassifier(str(path), num_threads=num_threads)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return np.asarray([model.predict(img) for img in images], np.float32)
+
+    return run
+
+
+def runner_for(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    return onnx_runner(path) if path.suffix == ".onnx" else tflite_runner(path)
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+@dataclass
+class ParityReport:
+    passed: bool
+    thresholds: Thresholds
+    data: dict[str, Any]
+    float_metrics: dict[str, Any]
+    artifacts: dict[str, dict[str, Any]]  # file -> metrics + "passed" + "format"/"precision"
+
+    def failed(self) -> list[str]:
+        return [name for name, a in self.artifacts.items() if not a["passed"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "thresholds": self.thresholds.to_dict(),
+            "data": self.data,
+            "float": self.float_metrics,
+            "artifacts": self.artifacts,
+        }
+
+
+def evaluation_set(run_dir: Path, manifest: dict[str, Any], data: str | os.PathLike | None):
+    """The images parity is measured on: the run's validation split, or every image of ``data``.
+
+    Returns (LoadedSplit, description, classes, splits-or-None).
+    """
+    from edgetl.data import Sample, _image_files, discover, load_split
+    from edgetl.runtime.preprocess import PreprocessSpec
+
+    stage = manifest["stages"].get("finetune")
+    if stage is None:
+        raise RunDirError(f"{run_dir} has no fine-tuning record", hint="run edgetl finetune first")
+    spec = PreprocessSpec.from_dict(stage["preprocess"])
+    classes = stage["labels"]
+    if data is None:
+        cfg = stage["config"]
+        splits = discover(stage["data"]["root"], cfg["val_fraction"], cfg["seed"])
+        if splits.fingerprint() != stage["data"]["fingerprint"]:
+            raise DataError(
+                f"the data in {stage['data']['root']} changed since fine-tuning",
+                hint="pass --data DIR with images to check on",
+            )
+        samples, description = splits.val, {"source": "val split", "root": stage["data"]["root"]}
+    else:
+        root = Path(data)
+        if not root.is_dir():
+            raise DataError(f"evaluation folder {root} does not exist")
+        unknown = sorted({d.name for d in root.iterdir() if d.is_dir()} - set(classes))
+        if unknown:
+            raise DataError(f"{root} has folders that are not classes of this model: {', '.join(unknown)}")
+        samples = [Sample(p, i) for i, c in enumerate(classes) if (root / c).is_dir()
+                   for p in _image_files(root / c)]  # fmt: skip
+        if not samples:
+            raise DataError(f"no images in class folders under {root}")
+        splits, description = None, {"source": "folder", "root": str(root)}
+    loaded = load_split(samples, spec.resize_size, spec, eval_crop=True)
+    description["count"] = len(loaded.labels)
+    return loaded, description, classes, splits
+
+
+def check(
+    run_dir: str | os.PathLike,
+    thresholds: Thresholds = Thresholds(),  # noqa: B008 - frozen, immutable
+    data: str | os.PathLike | None = None,
+    artifacts: list[str] | None = None,
+) -> ParityReport:
+    """Measure every exported artifact in ``run_dir`` against the float model.
+
+    Writes ``parity.json``, ``parity.md`` and ``parity.png`` and records the verdicts in the
+    manifest (stage ``check``), where ``package`` reads them.
+
+    Raises:
+        RunDirError: nothing exported, or an artifact differs from its manifest hash.
+    """
+    from edgetl.train import load_checkpoint
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    names = artifacts or [n for n in ARTIFACTS if n in manifest["files"]]
+    if not names:
+        raise RunDirError(f"{run_dir} has no exported models to check", hint="run edgetl export first")
+    tampered = [n for n in verify_files(run_dir, manifest) if n in names or n == "model.pt"]
+    if tampered:
+        raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
+
+    images, description, classes, _ = evaluation_set(run_dir, manifest, data)
+    model, _ = load_checkpoint(run_dir)
+    labels = images.labels
+    reference = torch_logits(model, images.images)
+    float_metrics = compare(reference, reference, labels, classes)
+    results = {}
+    for name in names:
+        log.info("checking %s on %d images", name, len(labels))
+        metrics = compare(reference, runner_for(run_dir / name)(images.images), labels, classes)
+        fmt, precision = ARTIFACTS[name]
+        metrics.update(
+            format=fmt,
+            precision=precision,
+            passed=bool(
+                metrics["delta_top1_pp"] >= -thresholds.max_drop
+                and metrics["agreement"] >= thresholds.min_agreement
+            ),
+        )
+        results[name] = metrics
+    report = ParityReport(
+        passed=all(r["passed"] for r in results.values()),
+        thresholds=thresholds,
+        data=description,
+        float_metrics=float_metrics,
+        artifacts=results,
+    )
+    write_report(run_dir, report, classes)
+    return report
+
+
+def write_report(run_dir: Path, report: ParityReport, classes: list[str]) -> None:
+    """parity.json, parity.md, parity.png, and the verdicts in the manifest."""
+    from edgetl import report as charts
+    from edgetl.artifacts import update_manifest
+
+    write_json(run_dir / "parity.json", report.to_dict())
+    atomic_write(run_dir / "parity.md", parity_markdown(report))
+    series = {"float (PyTorch)": [100.0 * report.float_metrics["per_class"][c]["top1"] for c in classes
+                                  if c in report.float_metrics["per_class"]]}  # fmt: skip
+    for name, metrics in report.artifacts.items():
+        series[name] = [100.0 * metrics["per_class"][c]["top1"] for c in classes if c in metrics["per_class"]]
+    shown = [c for c in classes if c in report.float_metrics["per_class"]]
+    charts.per_class_bars(shown, series, run_dir / "parity.png")
+    update_manifest(
+        run_dir,
+        "check",
+        ["parity.json", "parity.md", "parity.png"],
+        {
+            "passed": report.passed,
+            "thresholds": report.thresholds.to_dict(),
+            "data": report.data,
+            "artifacts": {
+                name: {k: m[k] for k in ("passed", "top1", "delta_top1_pp", "agreement", "sqnr_db")}
+                for name, m in report.artifacts.items()
+            },
+        },
+    )
+
+
+def parity_markdown(report: ParityReport) -> str:
+    def pct(value: float) -> str:
+        return f"{100 * value:.2f}%"
+
+    t = report.thresholds
+    lines = [
+        "# Parity against the float PyTorch model",
+        "",
+        f"Data: {report.data['source']} ({report.data['count']} images, {report.data.get('root', '')}).",
+        f"Thresholds: top-1 drop <= {t.max_drop} pp, agreement >= {pct(t.min_agreement)}.",
+        f"Float model top-1: {pct(report.float_metrics['top1'])}"
+        + (f", top-5: {pct(report.float_metrics['top5'])}" if "top5" in report.float_metrics else ""),
+        "",
+        "| artifact | precision | top-1 | Δtop-1 (pp) | agreement | cosine | SQNR (dB) | worst classes | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report.artifacts.items():
+        sqnr = "inf" if m["sqnr_db"] is None else f"{m['sqnr_db']:.1f}"
+        worst = ", ".join(f"{c} ({m['per_class'][c]['delta_pp']:+.1f})" for c in m["worst_classes"]) or "-"
+        lines.append(
+            f"| {name} | {m['precision']} | {pct(m['top1'])} | {m['delta_top1_pp']:+.2f} | "
+            f"{pct(m['agreement'])} | {m['cosine_mean']:.4f} | {sqnr} | {worst} | "
+            f"{'pass' if m['passed'] else '**FAIL**'} |"
+        )
+    return "\n".join(lines) + "\n"

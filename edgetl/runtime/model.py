@@ -1,0 +1,117 @@
+"""Run a ``.tflite`` classifier with the LiteRT interpreter: quantise the input, dequantise the output.
+
+Works for full-integer models (uint8 or int8 input), float models and third-party models. Used on the
+device and by the host's parity check, so both call the model the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def load_interpreter_class():
+    """LiteRT's interpreter, falling back to tflite-runtime on devices that only have that."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise ImportError(
+                "no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime)"
+            ) from None
+    return Interpreter
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape, dtype and (scale, zero_point) of a model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float
+    zero_point: int
+
+    @classmethod
+    def from_details(cls, details: dict[str, Any]) -> TensorSpec:
+        scale, zero_point = details.get("quantization", (0.0, 0))
+        return cls(
+            name=str(details["name"]),
+            shape=tuple(int(d) for d in details["shape"]),
+            dtype=np.dtype(details["dtype"]).name,
+            scale=float(scale),
+            zero_point=int(zero_point),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "scale": self.scale, "zero_point": self.zero_point}  # fmt: skip
+
+
+class TFLiteClassifier:
+    """A single-input, single-output image classifier in a ``.tflite`` file.
+
+    Args:
+        path: the model file.
+        num_threads: interpreter threads.
+        pixel_range: the float range the model's float input expects for pixels 0..255. edgetl's
+            models normalise inside the graph and take (0, 255); third-party float models often
+            take (0, 1) or (-1, 1).
+    """
+
+    def __init__(self, path: str, num_threads: int = 1, pixel_range: tuple[float, float] = (0.0, 255.0)):
+        interpreter_class = load_interpreter_class()
+        self.path = str(path)
+        self.interpreter = interpreter_class(model_path=self.path, num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        inputs = self.interpreter.get_input_details()
+        outputs = self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"{path}: expected 1 input and 1 output, got {len(inputs)} and {len(outputs)}")
+        self._input, self._output = inputs[0], outputs[0]
+        self.input = TensorSpec.from_details(self._input)
+        self.output = TensorSpec.from_details(self._output)
+        if len(self.input.shape) != 4 or self.input.shape[3] != 3:
+            raise ValueError(f"{path}: expected an NHWC RGB input, got shape {self.input.shape}")
+        self.pixel_range = pixel_range
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.input.shape[1], self.input.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.output.shape[-1]
+
+    def to_input(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels ``[H, W, 3]`` -> the model's input tensor ``[1, H, W, 3]``."""
+        batch = pixels[None]
+        dtype = self.input.dtype
+        low, high = self.pixel_range
+        if dtype == "float32":
+            return (batch.astype(np.float32) * ((high - low) / 255.0) + low).astype(np.float32)
+        if self.input.scale == 0:
+            raise ValueError(f"{self.path}: integer input without quantisation parameters")
+        if dtype == "uint8" and self.input.scale == 1.0 and self.input.zero_point == 0:
+            return batch  # raw pixels: the common case, no arithmetic at all
+        info = np.iinfo(dtype)
+        real = batch.astype(np.float32) * ((high - low) / 255.0) + low
+        quantised = np.round(real / self.input.scale) + self.input.zero_point
+        return np.clip(quantised, info.min, info.max).astype(dtype)
+
+    def invoke(self, tensor: np.ndarray) -> np.ndarray:
+        """Run one prepared input tensor; return float32 scores ``[num_classes]`` (dequantised)."""
+        self.interpreter.set_tensor(self._input["index"], tensor)
+        self.interpreter.invoke()
+        raw = self.interpreter.get_tensor(self._output["index"])[0]
+        if self.output.dtype in ("int8", "uint8", "int16"):
+            return (raw.astype(np.float32) - self.output.zero_point) * self.output.scale
+        return raw.astype(np.float32)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels at the model's input size -> float32 scores."""
+        return self.invoke(self.to_input(pixels))

@@ -1,0 +1,128 @@
+"""ONNX -> TensorFlow -> TFLite conversion, run in its own process by :mod:`edgetl.export`.
+
+TensorFlow and onnx2tf are loud (C++ logs on file descriptor 2) and heavy; running them in a child
+process keeps the noise in ``export.log`` and TensorFlow out of the parent. Usage::
+
+    python -m edgetl.tflite_convert JOB.json
+
+JOB.json: ``{"onnx": path or null, "workdir": path, "int8": bool, "int16x8": bool,
+"calibration": path-to-.npy, "output": file name, "diagnose": bool}``. Outputs in workdir: ``tf/``
+(SavedModel, reused when "onnx" is null), ``model_float32.tflite``, the quantised model(s) and,
+with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line of timings on stdout last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# onnx2tf downloads this sample file unless it is in its working directory. edgetl never uses it
+# (int8 calibration is done below on the run's own images), so a small stand-in keeps it offline.
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def run_onnx2tf(onnx_path: Path, workdir: Path) -> Path:
+    """Convert with the onnx2tf CLI; return the SavedModel folder."""
+    import numpy as np
+
+    np.save(workdir / ONNX2TF_SAMPLE, np.zeros((20, 128, 128, 3), np.float32))
+    bin_dir = Path(sys.executable).parent
+    exe = bin_dir / "onnx2tf"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "onnx2tf"]
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = workdir / "tf"
+    # -osd: signatures, needed by TFLiteConverter.from_saved_model. No -coion (it needs flatc).
+    command += ["-i", str(onnx_path), "-o", str(out), "-osd", "-n"]
+    print("$", " ".join(command), flush=True)
+    proc = subprocess.run(command, cwd=workdir, env=env, stdout=sys.stdout, stderr=sys.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"onnx2tf failed with exit code {proc.returncode}")
+    return out
+
+
+def quantize(saved_model: Path, calibration: Path, mode: str) -> bytes:
+    """Full-integer conversion calibrated on ``calibration`` (uint8 NHWC images).
+
+    ``mode`` "int8": int8 weights and activations, uint8 input, int8 output.
+    ``mode`` "int16x8": int16 activations, int8 weights (a remedy, not "int8").
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    images = np.load(calibration)
+
+    def representative_dataset():
+        for image in images:
+            yield [image[None].astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset
+    if mode == "int8":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.int8
+    else:
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        ]
+        converter.inference_input_type = tf.int16
+        converter.inference_output_type = tf.int16
+    return converter.convert()
+
+
+def diagnose(saved_model: Path, calibration: Path, csv_path: Path) -> None:
+    """Per-layer float-vs-int8 error with TFLite's QuantizationDebugger, dumped as CSV."""
+    import numpy as np
+    import tensorflow as tf
+
+    images = np.load(calibration)
+
+    def dataset():
+        for image in images[:32]:
+            yield [image[None].astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = dataset
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset)
+    debugger.run()
+    with open(csv_path, "w") as fh:
+        debugger.layer_statistics_dump(fh)
+
+
+def main(job_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    workdir = Path(job["workdir"])
+    timings = {}
+    t0 = time.perf_counter()
+    if job.get("onnx"):
+        saved_model = run_onnx2tf(Path(job["onnx"]), workdir)
+        produced = saved_model / f"{Path(job['onnx']).stem}_float32.tflite"
+        shutil.move(produced, workdir / "model_float32.tflite")
+        timings["onnx2tf_s"] = time.perf_counter() - t0
+    else:
+        saved_model = workdir / "tf"  # a remedy re-quantises the SavedModel of an earlier job
+    for mode in ("int8", "int16x8"):
+        if job.get(mode):
+            t0 = time.perf_counter()
+            (workdir / job.get("output", f"model_{mode}.tflite")).write_bytes(
+                quantize(saved_model, Path(job["calibration"]), mode)
+            )
+            timings[f"{mode}_s"] = time.perf_counter() - t0
+    if job.get("diagnose"):
+        t0 = time.perf_counter()
+        diagnose(saved_model, Path(job["calibration"]), workdir / "layer_stats.csv")
+        timings["diagnose_s"] = time.perf_counter() - t0
+    print(json.dumps(timings), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,99 @@
+"""Structural facts about a ``.tflite`` model: I/O, op types, tensor dtypes, weight quantisation.
+
+Used to prove that an "int8" model really is full-integer before anything ships it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgetl.runtime.model import TensorSpec
+
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+
+
+@dataclass
+class TFLiteFacts:
+    input: TensorSpec
+    output: TensorSpec
+    ops: dict[str, int]  # op type -> count
+    tensor_dtypes: dict[str, int]  # dtype -> count of tensors
+    float_tensors: list[str]  # names of float tensors (a full-integer model has none)
+    per_tensor_conv_weights: list[str]  # conv weights quantised per-tensor (want per-channel)
+    conv_weights: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def full_integer_problems(self) -> list[str]:
+        """Why this model is not a full-integer int8 model with uint8 raw-pixel input (empty: it is)."""
+        problems = []
+        if self.input.dtype != "uint8":
+            problems.append(f"input is {self.input.dtype}, not uint8")
+        elif (self.input.scale, self.input.zero_point) != (1.0, 0):
+            problems.append(
+                f"uint8 input is quantised with scale {self.input.scale} and zero point "
+                f"{self.input.zero_point}, so it does not take raw pixels"
+            )
+        if len(self.input.shape) != 4 or self.input.shape[0] != 1 or self.input.shape[3] != 3:
+            problems.append(f"input shape {list(self.input.shape)} is not [1, H, W, 3]")
+        if self.float_tensors:
+            problems.append(f"{len(self.float_tensors)} float tensors, e.g. {self.float_tensors[0]}")
+        if self.per_tensor_conv_weights:
+            problems.append(
+                f"{len(self.per_tensor_conv_weights)} conv weights are per-tensor, not per-channel"
+            )
+        if self.output.dtype not in ("int8", "uint8"):
+            problems.append(f"output is {self.output.dtype}")
+        return problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input.to_dict(),
+            "output": self.output.to_dict(),
+            "ops": dict(sorted(self.ops.items())),
+            "tensor_dtypes": dict(sorted(self.tensor_dtypes.items())),
+            "float_tensors": len(self.float_tensors),
+            "conv_weights": self.conv_weights,
+            "per_channel_conv_weights": self.conv_weights - len(self.per_tensor_conv_weights),
+        }
+
+
+def inspect_tflite(path: str) -> TFLiteFacts:
+    """Read a model's structure with the LiteRT interpreter (no delegates applied)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_path=str(path),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()  # public API has no op listing; this is LiteRT's own helper
+    used = {i for op in ops for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0}
+    float_tensors, per_tensor, conv_weights = [], [], 0
+    dtypes: Counter[str] = Counter()
+    for index in sorted(used):
+        tensor = tensors[index]
+        dtype = np.dtype(tensor["dtype"]).name
+        dtypes[dtype] += 1
+        if dtype.startswith("float"):
+            float_tensors.append(tensor["name"])
+    for op in ops:
+        if op["op_name"] in WEIGHTED_OPS and len(op["inputs"]) > 1:
+            weight = tensors[op["inputs"][1]]
+            conv_weights += 1
+            scales = weight["quantization_parameters"]["scales"]
+            if len(scales) <= 1 and np.dtype(weight["dtype"]).name == "int8":
+                per_tensor.append(weight["name"])
+    return TFLiteFacts(
+        input=TensorSpec.from_details(interpreter.get_input_details()[0]),
+        output=TensorSpec.from_details(interpreter.get_output_details()[0]),
+        ops=dict(Counter(op["op_name"] for op in ops)),
+        tensor_dtypes=dict(dtypes),
+        float_tensors=float_tensors,
+        per_tensor_conv_weights=per_tensor,
+        conv_weights=conv_weights,
+    )
