@@ -189,7 +189,7 @@ def export(run_dir: str, int8: bool, calib: str | None, calib_dir: str | None, d
     Exits 3 when an artifact fails parity; failing artifacts are marked so that packaging refuses them.
     """
     require("torch", "train")
-    require("onnx2tf", "export")
+    require("onnx2tf", "export", import_it=False)  # it imports TensorFlow; the export runs it apart
     from edgetl.errors import ExitCode
     from edgetl.export import ExportConfig
     from edgetl.export import export as run_export

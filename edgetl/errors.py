@@ -67,11 +67,17 @@ class Interrupted(EdgetlError):
     exit_code = ExitCode.INTERRUPTED
 
 
-def require(module: str, extra: str):
-    """Import an optional dependency or raise :class:`MissingDependencyError` naming the extra."""
+def require(module: str, extra: str, *, import_it: bool = True):
+    """Import an optional dependency (or, with ``import_it=False``, only check that it is installed)
+    or raise :class:`MissingDependencyError` naming the extra."""
     import importlib
+    import importlib.util
 
     try:
+        if not import_it:
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"No module named {module!r}")
+            return None
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(

@@ -116,3 +116,42 @@ def learned_run(tmp_path_factory):
         }
     )
     return finetune(data, base / "run", cfg), base / "run"
+
+
+@pytest.fixture(scope="session")
+def netguard_log(tmp_path_factory) -> Path:
+    """Child processes refuse non-loopback connections and log attempts to this file."""
+    import os
+
+    log = tmp_path_factory.mktemp("netguard") / "attempts.log"
+    guard_dir = str(Path(__file__).parent / "netguard")
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "EDGETL_NETGUARD_LOG")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (guard_dir, saved["PYTHONPATH"]) if p)
+    os.environ["EDGETL_NETGUARD_LOG"] = str(log)
+    yield log
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def exported_run(learned_run, tmp_path_factory, netguard_log):
+    """The learned run exported once (ONNX, float32 and int8 TFLite, parity): (ExportResult, run_dir).
+
+    Parity is only meaningful on a model that learned something (the from-scratch toy model predicts
+    nearly one class, so any int8 model "agrees" with it), hence the ImageNet-initialised run.
+    """
+    pytest.importorskip("onnx2tf", reason="needs the export extra")
+    from edgetl.export import ExportConfig, export
+
+    run_dir = copy_run(learned_run[1], tmp_path_factory.mktemp("export") / "run")
+    return export(run_dir, ExportConfig(calib="small")), run_dir

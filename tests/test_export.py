@@ -1,0 +1,189 @@
+"""Export: ONNX and TFLite artifacts, the int8 model's structure, calibration, parity and its gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import copy_run
+from edgetl.artifacts import read_manifest, verify_files
+from edgetl.calib import CalibRecipe, calibration_set, data_dir, load_recipe
+from edgetl.cli import main
+from edgetl.data import discover
+from edgetl.errors import ConfigError, DataError
+from edgetl.parity import runner_for
+from edgetl.runtime.preprocess import PreprocessSpec
+from edgetl.tflite_inspect import inspect_tflite
+from edgetl.train import load_checkpoint, predict_logits
+
+pytestmark = pytest.mark.slow
+
+
+def test_int8_model_is_full_integer_with_raw_pixel_input(exported_run):
+    _, run_dir = exported_run
+    facts = inspect_tflite(str(run_dir / "model_int8.tflite"))
+    assert facts.input.dtype == "uint8"
+    assert facts.input.shape == (1, 64, 64, 3)  # batch 1, NHWC, static
+    assert (facts.input.scale, facts.input.zero_point) == (1.0, 0)  # raw pixels, norm in the graph
+    assert facts.output.dtype == "int8" and facts.output.scale > 0
+    assert facts.float_tensors == []
+    assert facts.conv_weights == 52 and facts.per_tensor_conv_weights == []  # MobileNetV2's 52 convs
+    assert set(facts.tensor_dtypes) <= {"int8", "uint8", "int32"}
+    assert facts.full_integer_problems() == []
+
+
+def test_float_model_is_not_mistaken_for_int8(exported_run):
+    _, run_dir = exported_run
+    problems = inspect_tflite(str(run_dir / "model_float32.tflite")).full_integer_problems()
+    assert any("float" in p for p in problems)
+
+
+def test_float_exports_match_pytorch_within_1e_4(exported_run):
+    _, run_dir = exported_run
+    model, checkpoint = load_checkpoint(run_dir)
+    spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
+    from edgetl.data import load_split
+
+    root = read_manifest(run_dir)["stages"]["finetune"]["data"]["root"]
+    val = load_split(discover(root).val, spec.resize_size, spec, eval_crop=True)
+    reference = predict_logits(model, val.images, torch.device("cpu"))
+    for name in ("model.onnx", "model_float32.tflite"):
+        assert np.abs(runner_for(run_dir / name)(val.images) - reference).max() <= 1e-4, name
+
+
+def test_manifest_records_artifacts_io_calibration_versions(exported_run):
+    result, run_dir = exported_run
+    manifest = read_manifest(run_dir)
+    assert verify_files(run_dir, manifest) == []
+    for name in ("model.onnx", "model_float32.tflite", "model_int8.tflite", "parity.json"):
+        assert name in manifest["files"]
+    stage = manifest["stages"]["export"]
+    int8 = stage["artifacts"]["model_int8.tflite"]
+    assert int8["output"]["dtype"] == "int8" and int8["output"]["scale"] > 0
+    assert stage["calibration"]["recipe"]["name"] == "small"
+    assert len(stage["calibration"]["sha256"]) == 64 and stage["calibration"]["count"] > 0
+    assert {"torch", "onnx2tf", "tensorflow", "ai-edge-litert"} <= set(stage["versions"])
+    assert stage["timings"]["onnx2tf_s"] > 0 and stage["parity_passed"] == result.parity.passed
+    assert not (run_dir / ".export-work").exists()
+
+
+def test_parity_report_has_every_metric(exported_run):
+    _, run_dir = exported_run
+    report = json.loads((run_dir / "parity.json").read_text())
+    assert set(report["artifacts"]) == {"model.onnx", "model_float32.tflite", "model_int8.tflite"}
+    for name, metrics in report["artifacts"].items():
+        for key in ("top1", "delta_top1_pp", "agreement", "cosine_mean", "per_class", "worst_classes", "passed"):
+            assert key in metrics, (name, key)
+    assert report["artifacts"]["model.onnx"]["agreement"] == 1.0
+    assert report["artifacts"]["model.onnx"]["passed"] is True
+    assert "| model_int8.tflite | int8 |" in (run_dir / "parity.md").read_text()
+    assert (run_dir / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    assert read_manifest(run_dir)["stages"]["check"]["artifacts"]["model.onnx"]["passed"] is True
+
+
+def test_export_never_reached_the_network(exported_run, netguard_log):
+    assert not netguard_log.exists() or netguard_log.read_text() == ""
+
+
+def test_check_command_json_and_exit_code(exported_run):
+    result, run_dir = exported_run
+    cli = CliRunner().invoke(main, ["-q", "check", str(run_dir), "--json"])
+    payload = json.loads(cli.stdout)
+    assert cli.exit_code == (0 if payload["passed"] else 3)
+    assert payload["passed"] == result.parity.passed
+    # An impossible requirement fails the gate with the documented exit code.
+    strict = CliRunner().invoke(main, ["-q", "check", str(run_dir), "--max-drop", "-0", "--min-agreement", "1"])
+    report = json.loads((run_dir / "parity.json").read_text())
+    expected = 0 if all(a["agreement"] == 1.0 and a["delta_top1_pp"] >= 0 for a in report["artifacts"].values()) else 3
+    assert strict.exit_code == expected
+
+
+def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run, tmp_path, netguard_log):
+    """Calibrating on black images makes a useless int8 model: the gate must catch it."""
+    from PIL import Image
+
+    run_dir = copy_run(learned_run[1], tmp_path / "run")
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 40), (0, 0, 0)).save(blank / f"{i}.png")
+    cli = CliRunner().invoke(main, ["-q", "export", str(run_dir), "--calib-dir", str(blank), "--json"])
+    assert cli.exit_code == 3, cli.output
+    payload = json.loads(cli.stdout)
+    assert payload["parity_passed"] is False
+    assert payload["parity"]["model_int8.tflite"]["passed"] is False
+    assert payload["parity"]["model.onnx"]["passed"] is True
+    remedies = {r["remedy"]: r for r in payload["remedies"]}
+    assert remedies["diagnosis"]["worst_layers"], remedies["diagnosis"]
+    assert remedies["diagnosis"]["worst_layers"][0]["rmse_over_scale"] > 0
+    assert any(name.startswith("16-bit") for name in remedies)
+    manifest = read_manifest(run_dir)
+    assert manifest["stages"]["check"]["artifacts"]["model_int8.tflite"]["passed"] is False
+    assert manifest["stages"]["export"]["calibration"]["source"] == "dir"
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted(data_dir("calib").glob("*.toml"))
+    assert {p.stem for p in recipes} >= {"default", "small", "thorough"}
+    for path in recipes:
+        recipe = load_recipe(path.stem)
+        assert recipe.source == "train" and recipe.preprocessing == "eval"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('per_clas = 3\n', "did you mean 'per_class'"),
+        ('source = "val"\n', "not allowed"),
+        ('preprocessing = "train"\n', "must be 'eval'"),
+        ('per_class = "many"\n', "must be a int"),
+        ('per_class = [\n', "cannot read"),
+    ],
+)
+def test_bad_recipes_are_config_errors(tmp_path, text, message):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(path))
+    assert message in f"{info.value.message} {info.value.hint}"
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError) as info:
+        load_recipe("nonexistent")
+    assert "default" in info.value.hint
+
+
+def test_recipe_draws_balanced_and_seeded_from_train(toy_data):
+    splits = discover(toy_data)
+    spec = PreprocessSpec.for_size(32)
+    first = calibration_set(splits, spec, CalibRecipe(per_class=2, max_images=5, seed=1))
+    again = calibration_set(splits, spec, CalibRecipe(per_class=2, max_images=5, seed=1))
+    assert len(first.paths) == 5 and first.paths == again.paths and first.sha256 == again.sha256
+    assert set(first.paths) <= {str(s.path) for s in splits.train}
+    assert first.images.shape == (5, 32, 32, 3)
+
+
+def test_leakage_guard_catches_a_copied_validation_image(toy_data, tmp_path):
+    splits = discover(toy_data)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    shutil.copy(splits.val[0].path, calib / "renamed.png")  # same content, another name
+    with pytest.raises(DataError, match="also in the parity set"):
+        calibration_set(splits, PreprocessSpec.for_size(32), calib_dir=calib,
+                        guard_paths=[str(s.path) for s in splits.val])  # fmt: skip
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    cli = CliRunner().invoke(main, ["export", str(tmp_path / "nope")])
+    assert cli.exit_code == 1 and "has no model.pt" in cli.stderr and "Traceback" not in cli.output
+    cli = CliRunner().invoke(main, ["check", str(tmp_path)])
+    assert cli.exit_code == 1 and "edgetl: error:" in cli.stderr
