@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--head-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--tag", default="sign_language_cpu")
+    parser.add_argument("--keep", default=None, help="keep the run directories under this folder")
+    parser.add_argument("--only", choices=["imagenet", "scratch"], default=None, help="run one of the two")
     args = parser.parse_args()
     if not Path(args.data).is_dir() or not Path(args.weights).is_file():
         print(f"skipped: {args.data} or {args.weights} is missing", file=sys.stderr)
@@ -40,6 +42,8 @@ def main() -> int:
 
     runs = {}
     for name, weights in (("imagenet", args.weights), ("scratch", "none")):
+        if args.only and name != args.only:
+            continue
         cfg = FinetuneConfig.build(
             {
                 "weights": weights,
@@ -49,9 +53,10 @@ def main() -> int:
             }
         )
         with tempfile.TemporaryDirectory() as tmp:
+            run_dir = Path(args.keep) / f"{args.tag}_{name}" if args.keep else Path(tmp) / "run"
             t0 = time.perf_counter()
-            result = finetune(args.data, Path(tmp) / "run", cfg)
-            history = (Path(tmp) / "run" / "history.csv").read_text()
+            result = finetune(args.data, run_dir, cfg)
+            history = (run_dir / "history.csv").read_text()
         runs[name] = {
             "weights": weights,
             "phase1_best_val_acc": result.phase1_val_acc,
@@ -64,7 +69,11 @@ def main() -> int:
             "history_csv": history,
             "config": cfg.to_dict(),
         }
+        report(args, runs)  # after each run, so a long benchmark leaves results as it goes
+    return 0
 
+
+def report(args: argparse.Namespace, runs: dict) -> None:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -90,7 +99,6 @@ def main() -> int:
     path = write_result(f"finetune_accuracy_{args.tag}", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -149,14 +149,18 @@ def finetune(data: str, run_dir: str, resume: bool, as_json: bool, **options: An
               help="Use this image folder instead of the generated dataset.")
 @click.option("--out", "out_dir", type=click.Path(path_type=str), default="runs/demo",
               show_default=True, help="Where the dataset and the run go.")
+@click.option("--export/--no-export", "with_export", default=True, help="Also export and check parity.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def demo(data: str | None, out_dir: str, as_json: bool) -> None:
+def demo(data: str | None, out_dir: str, with_export: bool, as_json: bool) -> None:
     """Run the pipeline end to end on a generated dataset (CPU-friendly, a few minutes)."""
     require("torch", "train")
     from edgetl.demo import run_demo
+    from edgetl.errors import ExitCode
 
-    result = run_demo(out_dir, data=data, weights=os.environ.get(WEIGHTS_ENV))
+    result = run_demo(out_dir, data=data, weights=os.environ.get(WEIGHTS_ENV), with_export=with_export)
     _emit(as_json, result.to_dict(), result.summary())
+    if result.export and not result.export["parity_passed"]:
+        sys.exit(int(ExitCode.PARITY_FAILED))
 
 
 def _parity_lines(report: Any) -> list[str]:

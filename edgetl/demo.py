@@ -1,12 +1,14 @@
 """``edgetl demo``: the whole pipeline on an embedded default, small enough for a laptop CPU.
 
 Generates the shapes dataset (:mod:`edgetl.synth`) unless a folder is given, resolves ImageNet
-weights if it can (else says loudly that it trains from scratch, and why) and fine-tunes. Later stages
-(export, check, package, run) append their steps to :func:`run_demo`.
+weights if it can (else says loudly that it trains from scratch, and why), fine-tunes, exports to
+ONNX / TFLite float32 / int8 and checks parity. Later stages (package, run) append their steps to
+:func:`run_demo`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ class DemoResult:
     run_dir: Path
     weights: str
     finetune: dict[str, Any]
+    export: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,6 +47,7 @@ class DemoResult:
             "run_dir": str(self.run_dir),
             "weights": self.weights,
             "finetune": self.finetune,
+            "export": self.export,
             "notes": self.notes,
         }
 
@@ -59,6 +63,13 @@ class DemoResult:
         ]
         if ft.get("test_acc") is not None:
             lines.append(f"test top-1: {100 * ft['test_acc']:.1f}% (held-out generated test split)")
+        if self.export:
+            for name, p in self.export["parity"].items():
+                lines.append(
+                    f"export:    {name:<21} top-1 {100 * p['top1']:.1f}%  Δ {p['delta_top1_pp']:+.2f} pp  "
+                    f"agreement {100 * p['agreement']:.1f}%  {'pass' if p['passed'] else 'FAIL'}"
+                )
+            lines.append(f"parity:    {self.run_dir / 'parity.md'}")
         lines += [f"note:      {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -82,7 +93,9 @@ def resolve_demo_weights(candidate: str | None) -> tuple[str, str | None]:
         return "none", note
 
 
-def run_demo(out_dir: str | Path, data: str | None = None, weights: str | None = None) -> DemoResult:
+def run_demo(
+    out_dir: str | Path, data: str | None = None, weights: str | None = None, with_export: bool = True
+) -> DemoResult:
     """Generate data if needed, fine-tune, and return where everything went.
 
     A previous demo run in ``out_dir`` is replaced (its dataset is reused when unchanged).
@@ -100,10 +113,21 @@ def run_demo(out_dir: str | Path, data: str | None = None, weights: str | None =
         shutil.rmtree(run_dir)
     cfg = FinetuneConfig.build(DEMO_CONFIG, {"weights": weights})
     result = finetune(data_dir, run_dir, cfg)
+    notes = [note] if note else []
+    exported = None
+    if not with_export:
+        notes.append("export skipped (--no-export)")
+    elif importlib.util.find_spec("onnx2tf") is None:
+        notes.append('export skipped: pip install "edgetl[export]" for ONNX / TFLite export and parity')
+    else:
+        from edgetl.export import ExportConfig, export
+
+        exported = export(run_dir, ExportConfig(calib="small")).to_dict()
     return DemoResult(
         data=data_dir,
         run_dir=run_dir,
         weights=weights,
         finetune=result.to_dict(),
-        notes=[note] if note else [],
+        export=exported,
+        notes=notes,
     )

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import copy_run
+
 from edgetl.artifacts import read_manifest, verify_files
 from edgetl.calib import CalibRecipe, calibration_set, data_dir, load_recipe
 from edgetl.cli import main

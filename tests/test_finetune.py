@@ -187,7 +187,7 @@ def test_demo_says_loudly_when_it_trains_from_scratch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "DEMO_DATA", {"per_class": 8, "test_per_class": 2, "size": 40})
     monkeypatch.setattr(demo, "DEMO_CONFIG", {**TOY_CONFIG, "head_epochs": 1, "finetune_epochs": 1})
-    result = cli("demo", "--out", str(tmp_path / "demo"), "--json")
+    result = cli("demo", "--out", str(tmp_path / "demo"), "--no-export", "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["weights"] == "none"
@@ -195,3 +195,4 @@ def test_demo_says_loudly_when_it_trains_from_scratch(tmp_path, monkeypatch):
     assert "TRAINING FROM SCRATCH" in result.stderr
     assert (tmp_path / "demo" / "run" / "model.pt").is_file()
     assert payload["finetune"]["test_acc"] is not None
+    assert "export skipped (--no-export)" in payload["notes"]

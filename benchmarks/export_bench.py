@@ -1,0 +1,112 @@
+"""Export cost, model sizes, int8 parity and LiteRT latency for the full MobileNetV2 (width 1.0, 224).
+
+Takes a finished fine-tuning run (by default the sign-language run kept by
+``finetune_accuracy.py --keep /work/bench-runs``), exports a copy of it with the default calibration
+recipe while timing every step (ONNX, onnx2tf float32, int8, parity on the validation split), then
+measures single-image invoke latency of the float32 and int8 models and of the third-party Coral
+int8 MobileNetV2 at 1 and 2 threads, all in one process. Writes ``results/export_bench_<tag>.{json,md}``.
+
+    python benchmarks/export_bench.py [--run DIR] [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED, machine, write_result  # noqa: E402
+
+CORAL = SHARED / "models" / "coral_mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="/work/bench-runs/sign_language_cpu_imagenet")
+    parser.add_argument("--runs", type=int, default=50, help="timed invokes per model and thread count")
+    parser.add_argument("--tag", default="sign_language_cpu")
+    args = parser.parse_args()
+    run = Path(args.run)
+    if not (run / "model.pt").is_file():
+        print(f"skipped: no finished run in {run}", file=sys.stderr)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    import numpy as np
+
+    from edgetl.export import ExportConfig, export
+    from edgetl.runtime.bench import invoke_latency
+    from edgetl.runtime.model import TFLiteClassifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "run"
+        shutil.copytree(run, work, ignore=shutil.ignore_patterns("checkpoints", "model*.tflite", "model.onnx"))
+        t0 = time.perf_counter()
+        result = export(work, ExportConfig())
+        wall = time.perf_counter() - t0
+        sizes = {name: a["bytes"] for name, a in result.artifacts.items()}
+        parity = {n: {k: a[k] for k in ("top1", "delta_top1_pp", "agreement", "cosine_mean", "sqnr_db", "passed")}
+                  for n, a in result.parity.artifacts.items()}  # fmt: skip
+        count = result.parity.data["count"]
+
+        rng = np.random.default_rng(0)
+        latency = {}
+        models = {"float32": work / "model_float32.tflite", "int8": work / "model_int8.tflite"}
+        if CORAL.is_file():
+            models["coral int8 (third-party)"] = CORAL
+        for name, path in models.items():
+            for threads in (1, 2):
+                model = TFLiteClassifier(str(path), num_threads=threads)
+                height, width = model.image_size
+                tensor = model.to_input(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+                latency[f"{name}@{threads}"] = invoke_latency(model, tensor, runs=args.runs)
+
+    info = machine()
+    t = result.timings
+    ratio = {f"int8/float32 @{n}": latency[f"int8@{n}"]["median_ms"] / latency[f"float32@{n}"]["median_ms"]
+             for n in (1, 2)}  # fmt: skip
+    if CORAL.is_file():
+        for n in (1, 2):
+            ratio[f"ours int8/coral int8 @{n}"] = (
+                latency[f"int8@{n}"]["median_ms"] / latency[f"coral int8 (third-party)@{n}"]["median_ms"]
+            )
+    lines = [
+        "# Export benchmark: MobileNetV2 width 1.0, 224x224",
+        "",
+        f"Run: {run} (sign-language digits). Machine: {info['cpu']}, {info['cpus']} CPUs.",
+        f"One export; latency = invoke only, median of {args.runs} runs after 5 warm-ups, one image.",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        f"| ONNX export + onnx.checker | {t.get('onnx_s', 0):.1f} |",
+        f"| onnx2tf (SavedModel + float32 TFLite) | {t.get('onnx2tf_s', 0):.1f} |",
+        f"| int8 quantisation | {t.get('int8_s', 0):.1f} |",
+        f"| parity on {count} validation images (4 models) | {t.get('parity_s', 0):.1f} |",
+        f"| whole `export` (incl. process start, verification) | {wall:.1f} |",
+        "",
+        "| artifact | bytes | top-1 | Δtop-1 (pp) | agreement | passed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, size in sizes.items():
+        p = parity.get(name, {})
+        lines.append(f"| {name} | {size:,} | {100 * p.get('top1', 0):.2f}% | {p.get('delta_top1_pp', 0):+.2f} | "
+                     f"{100 * p.get('agreement', 0):.2f}% | {p.get('passed')} |")  # fmt: skip
+    lines += ["", f"int8 / float32 size: {sizes['model_int8.tflite'] / sizes['model_float32.tflite']:.3f}", "",
+              "| model @ threads | median ms | p90 ms |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} |" for k, v in latency.items()]
+    lines += ["", *[f"- {k}: {v:.3f}" for k, v in ratio.items()]]
+    payload = {"machine": info, "run": str(run), "timings": t, "wall_s": wall, "sizes": sizes,
+               "parity": parity, "parity_images": count, "latency": latency, "ratios": ratio}  # fmt: skip
+    path = write_result(f"export_bench_{args.tag}", payload, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
