@@ -25,8 +25,8 @@ install: $(STAMP) ## Create $(VENV) with edgetl and everything a developer needs
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[train,export,dev]'
+	$(PIP) install -qq $(TORCH_PINS)
+	$(PIP) install -qq -e '.[train,export,dev]'
 	@touch $@
 
 demo: $(STAMP) ## Install if needed, then run the embedded demo (a few minutes on a CPU)

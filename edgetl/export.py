@@ -226,6 +226,7 @@ def export(
     for name in list(manifest["files"]):
         if name in ARTIFACTS and name not in produced:
             del manifest["files"][name]
+    manifest["stages"].pop("check", None)  # verdicts of earlier exports do not apply to these files
     write_json(run_dir / "manifest.json", manifest)
     export_info = {
         "artifacts": artifacts,

@@ -65,11 +65,14 @@ def inspect_tflite(path: str) -> TFLiteFacts:
     """Read a model's structure with the LiteRT interpreter (no delegates applied)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(
-        model_path=str(path),
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-    )
-    interpreter.allocate_tensors()
+    from edgetl.runtime.model import native_stderr_captured
+
+    with native_stderr_captured():
+        interpreter = Interpreter(
+            model_path=str(path),
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        interpreter.allocate_tensors()
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()  # public API has no op listing; this is LiteRT's own helper
     used = {i for op in ops for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0}

@@ -31,7 +31,7 @@ def run_blocked(blocked: set[str], code: str) -> subprocess.CompletedProcess:
 def test_help_imports_neither_torch_nor_tensorflow():
     code = """
         from edgetl.cli import main
-        for args in (["--help"], ["finetune", "--help"], ["demo", "--help"]):
+        for args in (["--help"], *([name, "--help"] for name in sorted(main.commands))):
             try:
                 main(args)
             except SystemExit as exc:
@@ -41,7 +41,8 @@ def test_help_imports_neither_torch_nor_tensorflow():
     """
     proc = run_blocked({"torch", "torchvision", "tensorflow", "onnx", "onnxruntime"}, code)
     assert proc.returncode == 0, proc.stderr
-    assert "finetune" in proc.stdout and "demo" in proc.stdout
+    for command in ("finetune", "demo", "export", "check"):
+        assert f"Usage: edgetl {command}" in proc.stdout, command
     assert "HEAVY []" in proc.stdout
 
 

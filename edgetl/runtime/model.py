@@ -6,10 +6,42 @@ device and by the host's parity check, so both call the model the same way.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[None]:
+    """Keep C++ chatter (e.g. "INFO: Created TensorFlow Lite XNNPACK delegate") off the terminal.
+
+    File descriptor 2 goes to a temporary file for the duration; if the block raises, what was
+    captured is written back to stderr so that real errors are not lost.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. under a test runner's capture)
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def load_interpreter_class():
@@ -66,8 +98,9 @@ class TFLiteClassifier:
     def __init__(self, path: str, num_threads: int = 1, pixel_range: tuple[float, float] = (0.0, 255.0)):
         interpreter_class = load_interpreter_class()
         self.path = str(path)
-        self.interpreter = interpreter_class(model_path=self.path, num_threads=num_threads)
-        self.interpreter.allocate_tensors()
+        with native_stderr_captured():
+            self.interpreter = interpreter_class(model_path=self.path, num_threads=num_threads)
+            self.interpreter.allocate_tensors()
         inputs = self.interpreter.get_input_details()
         outputs = self.interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
