@@ -33,7 +33,7 @@ def test_help_imports_neither_torch_nor_tensorflow():
         from edgetl.cli import main
         for args in (["--help"], *([name, "--help"] for name in sorted(main.commands))):
             try:
-                main(args)
+                main(args, prog_name="edgetl")
             except SystemExit as exc:
                 assert exc.code == 0, exc.code
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "tensorflow", "onnx"})
