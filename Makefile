@@ -15,7 +15,13 @@ SHARED_WEIGHTS := $(wildcard ../shared/weights/mobilenet_v2_imagenet_features.pt
 export EDGETL_WEIGHTS ?= $(SHARED_WEIGHTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint bench clean distclean
+.PHONY: help install demo test test-fast lint bench clean distclean model
+
+# The firmware pipeline: `make model DATA=path/to/images TARGET=rpi4-cpu` (see edgetl/edgetl.mk).
+EDGETL = $(BIN)/edgetl
+EDGETL_DEPS = $(STAMP)
+include edgetl/edgetl.mk
+model: ## Fine-tune, export, check and package DATA for TARGET into build/TARGET/
 
 help: ## Show this list
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,7 +50,7 @@ lint: $(STAMP) ## Static checks
 bench: $(STAMP) ## Training throughput benchmark (writes benchmarks/results/)
 	$(BIN)/python benchmarks/train_throughput.py
 
-clean: ## Remove caches and demo output (keeps $(VENV))
+clean: ## Remove caches, demo output and build/ (keeps $(VENV))
 	rm -rf runs build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 

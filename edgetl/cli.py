@@ -125,8 +125,9 @@ def _finetune_summary(result: Any) -> str:
 @click.option("--val-fraction", type=float, default=None, help="Held out when there is no val/ [0.2].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--target", default=None, help="Take input size (and width) from this target.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def finetune(data: str, run_dir: str, resume: bool, as_json: bool, **options: Any) -> None:
+def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json: bool, **options: Any) -> None:
     """Fine-tune MobileNetV2 on an image folder (freeze, then unfreeze).
 
     DATA is DATA/<class>/images or DATA/train/<class>/ + DATA/val/<class>/; DATA/test/ is only
@@ -139,7 +140,14 @@ def finetune(data: str, run_dir: str, resume: bool, as_json: bool, **options: An
 
     if options["weights"] is None and not resume:
         options["weights"] = os.environ.get(WEIGHTS_ENV) or None
-    cfg = FinetuneConfig.build(options) if not resume else None
+    from_target: dict[str, Any] = {}
+    if target is not None:
+        from edgetl.targets import load_target
+
+        spec = load_target(target)
+        from_target = {"image_size": spec.input.size, "width": spec.model.width}
+    # Precedence, highest on the right: defaults < target file < flags.
+    cfg = FinetuneConfig.build(from_target, options) if not resume else None
     result = run_finetune(data, run_dir, cfg or FinetuneConfig(), resume=resume, overrides=options)
     _emit(as_json, result.to_dict(), _finetune_summary(result))
 
@@ -176,7 +184,8 @@ def _parity_lines(report: Any) -> list[str]:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=str))
-@click.option("--int8/--no-int8", default=True, show_default=True, help="Also make the full-integer model.")
+@click.option("--int8/--no-int8", default=None, help="Also make the full-integer model [on, or as the target needs].")
+@click.option("--target", default=None, help="Take quantisation and parity thresholds from this target.")
 @click.option("--calib", default=None, help="Calibration recipe: a name in calib/ or a .toml path [default].")
 @click.option("--calib-dir", type=click.Path(path_type=str), default=None,
               help="Calibrate on your own folder of representative images instead.")
@@ -186,8 +195,9 @@ def _parity_lines(report: Any) -> list[str]:
 @click.option("--min-agreement", type=float, default=None, help="Required top-1 agreement [0.98].")
 @click.option("--no-remedies", is_flag=True, help="Do not diagnose or try remedies when int8 fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def export(run_dir: str, int8: bool, calib: str | None, calib_dir: str | None, data: str | None,
-           max_drop: float | None, min_agreement: float | None, no_remedies: bool, as_json: bool) -> None:
+def export(run_dir: str, int8: bool | None, target: str | None, calib: str | None, calib_dir: str | None,
+           data: str | None, max_drop: float | None, min_agreement: float | None, no_remedies: bool,
+           as_json: bool) -> None:
     """Export RUN_DIR to ONNX and TFLite (float32, int8), verify, and check parity.
 
     Exits 3 when an artifact fails parity; failing artifacts are marked so that packaging refuses them.
@@ -198,7 +208,14 @@ def export(run_dir: str, int8: bool, calib: str | None, calib_dir: str | None, d
     from edgetl.export import ExportConfig
     from edgetl.export import export as run_export
 
-    cfg = ExportConfig(int8=int8, calib=calib or "default", calib_dir=calib_dir,
+    if target is not None:
+        from edgetl.targets import load_target
+
+        spec = load_target(target)
+        int8 = spec.precision in ("int8", "int16x8") if int8 is None else int8
+        max_drop = spec.parity.max_drop if max_drop is None else max_drop
+        min_agreement = spec.parity.min_agreement if min_agreement is None else min_agreement
+    cfg = ExportConfig(int8=True if int8 is None else int8, calib=calib or "default", calib_dir=calib_dir,
                        remedies=not no_remedies, thresholds=_thresholds(max_drop, min_agreement))  # fmt: skip
     result = run_export(run_dir, cfg, data)
     sizes = [f"  {name:<22} {a['bytes'] / 1e6:6.2f} MB  {a['precision']}" for name, a in result.artifacts.items()]
@@ -246,3 +263,100 @@ def check_command(run_dir: str, data: str | None, max_drop: float | None, min_ag
     _emit(as_json, report.to_dict(), "\n".join(text))
     if not report.passed:
         sys.exit(int(ExitCode.PARITY_FAILED))
+
+
+@main.group("targets", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.pass_context
+def targets_group(ctx: click.Context, as_json: bool) -> None:
+    """List the edge targets (targets/*.toml); `targets show NAME` prints one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgetl.targets import all_targets
+
+    found = all_targets()
+    rows = [f"{t.name:<15} {t.runtime:<12} {t.precision:<8} {t.description}" for t in found]
+    payload = {"targets": [{"name": t.name, "runtime": t.runtime, "precision": t.precision,
+                            "description": t.description, "file": t.source} for t in found]}  # fmt: skip
+    _emit(as_json, payload, "\n".join([f"{'NAME':<15} {'RUNTIME':<12} {'PRECISION':<8} DESCRIPTION", *rows]))
+
+
+@targets_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def targets_show(name: str, as_json: bool) -> None:
+    """Print one target, resolved (NAME or a path to a .toml file)."""
+    from edgetl.targets import load_target
+
+    target = load_target(name)
+    text = [f"{target.name}: {target.description}", f"file: {target.source}"]
+    for key, value in target.to_dict().items():
+        if isinstance(value, dict):
+            text.append(f"[{key}]")
+            text += [f"  {k} = {v!r}" for k, v in value.items()]
+        elif key not in ("name", "description"):
+            text.append(f"{key} = {value!r}")
+    _emit(as_json, {**target.to_dict(), "file": target.source}, "\n".join(text))
+
+
+@targets_group.command("stamp")
+@click.argument("name")
+@click.argument("stage", type=click.Choice(["finetune", "export", "package"]))
+def targets_stamp(name: str, stage: str) -> None:
+    """Print the part of a target that STAGE depends on (for make's content stamps)."""
+    from edgetl.targets import load_target
+
+    target = load_target(name).to_dict()
+    parts = {
+        "finetune": ("input", "model"),
+        "export": ("input", "model", "artifact", "quantization", "parity"),
+        "package": tuple(target),
+    }[stage]
+    click.echo(json.dumps({k: target[k] for k in parts}, sort_keys=True))
+
+
+@main.command("package")
+@click.argument("run_dir", type=click.Path(path_type=str))
+@click.option("--target", required=True, help="Target name or .toml path.")
+@click.option("--out", type=click.Path(path_type=str), default=None, help="Output folder [RUN_DIR/bundles].")
+@click.option("--force", is_flag=True, help="Package even if parity failed (recorded in the manifest).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def package_command(run_dir: str, target: str, out: str | None, force: bool, as_json: bool) -> None:
+    """Bundle RUN_DIR's model for a target: folder + reproducible .tar.gz.
+
+    Exit 3 if the shipped artifact failed parity, 4 if it breaks a target constraint.
+    """
+    from edgetl.package import package
+    from edgetl.targets import load_target
+
+    result = package(run_dir, load_target(target), out, force)
+    lines = [f"bundle:  {result.bundle_dir}", f"archive: {result.archive} (sha256 {result.archive_sha256})"]
+    lines += [f"  {rel:<32} {entry['size']:>10,} B" for rel, entry in result.files.items()]
+    if result.forced:
+        lines.append("WARNING: packaged with --force although parity failed")
+    _emit(as_json, result.to_dict(), "\n".join(lines))
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def verify_command(bundle: str, as_json: bool) -> None:
+    """Re-hash every file of a bundle (folder or .tar.gz) against its manifest (exit 6 on a mismatch)."""
+    from edgetl.verify import verify
+
+    problems = verify(bundle)
+    payload = {"bundle": bundle, "ok": not problems, "problems": problems}
+    text = f"{bundle}: ok" if not problems else "\n".join([f"{bundle}: FAILED", *[f"  {p}" for p in problems]])
+    _emit(as_json, payload, text)
+    if problems:
+        sys.exit(int(ExitCode.VERIFY_FAILED))
+
+
+@main.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run_command(bundle: str, args: tuple[str, ...]) -> None:
+    """Run a bundle on images with the device runtime (same as `python -m edgetl_runtime`)."""
+    from edgetl.runtime.__main__ import main as runtime_main
+
+    sys.exit(runtime_main([bundle, *args]))

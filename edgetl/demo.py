@@ -2,8 +2,8 @@
 
 Generates the shapes dataset (:mod:`edgetl.synth`) unless a folder is given, resolves ImageNet
 weights if it can (else says loudly that it trains from scratch, and why), fine-tunes, exports to
-ONNX / TFLite float32 / int8 and checks parity. Later stages (package, run) append their steps to
-:func:`run_demo`.
+ONNX / TFLite float32 / int8, checks parity, packages a bundle for ``rpi4-cpu-96`` and classifies a
+few held-out images with the bundle through the device runtime.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from edgetl.errors import WeightsError
 log = logging.getLogger(__name__)
 
 # CPU-friendly settings: finishes in a few minutes on two cores.
+DEMO_TARGET = "rpi4-cpu-96"
 DEMO_DATA = {"per_class": 100, "test_per_class": 20, "size": 96}
 DEMO_CONFIG = {
-    "image_size": 96,
     "head_epochs": 3,
     "finetune_epochs": 4,
     "batch_size": 32,
@@ -39,6 +39,8 @@ class DemoResult:
     weights: str
     finetune: dict[str, Any]
     export: dict[str, Any] | None = None
+    bundle: dict[str, Any] | None = None
+    predictions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,6 +50,8 @@ class DemoResult:
             "weights": self.weights,
             "finetune": self.finetune,
             "export": self.export,
+            "bundle": self.bundle,
+            "predictions": self.predictions,
             "notes": self.notes,
         }
 
@@ -69,7 +73,16 @@ class DemoResult:
                     f"export:    {name:<21} top-1 {100 * p['top1']:.1f}%  Δ {p['delta_top1_pp']:+.2f} pp  "
                     f"agreement {100 * p['agreement']:.1f}%  {'pass' if p['passed'] else 'FAIL'}"
                 )
+            for r in self.export["remedies"]:
+                if "passed" in r:
+                    lines.append(f"remedy:    {r['remedy']}: {'pass' if r['passed'] else 'fail'}")
             lines.append(f"parity:    {self.run_dir / 'parity.md'}")
+        if self.bundle:
+            lines.append(f"bundle:    {self.bundle['archive']} ({self.bundle['archive_bytes']:,} bytes, "
+                         f"sha256 {self.bundle['archive_sha256'][:16]}…)")  # fmt: skip
+            for p in self.predictions:
+                lines.append(f"device:    {Path(p['source']).name} (true: {p['true']}) -> {p['label']} "
+                             f"{p['score']:.2f}  {p['latency_ms']:.1f} ms")  # fmt: skip
         lines += [f"note:      {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -111,7 +124,11 @@ def run_demo(
     run_dir = out_dir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = FinetuneConfig.build(DEMO_CONFIG, {"weights": weights})
+    from edgetl.targets import load_target
+
+    target = load_target(DEMO_TARGET)
+    # Precedence: defaults < target < the demo's own settings.
+    cfg = FinetuneConfig.build({"image_size": target.input.size}, DEMO_CONFIG, {"weights": weights})
     result = finetune(data_dir, run_dir, cfg)
     notes = [note] if note else []
     exported = None
@@ -122,12 +139,46 @@ def run_demo(
     else:
         from edgetl.export import ExportConfig, export
 
-        exported = export(run_dir, ExportConfig(calib="small")).to_dict()
+        exported = export(run_dir, ExportConfig()).to_dict()
+    bundle, predictions = None, []
+    if exported and exported["parity_passed"]:
+        from edgetl.package import package
+
+        packaged = package(run_dir, target)
+        bundle = packaged.to_dict()
+        predictions = _classify_with_bundle(packaged.bundle_dir, data_dir)
+    elif exported:
+        notes.append("not packaged: an artifact failed parity (see parity.md)")
     return DemoResult(
         data=data_dir,
         run_dir=run_dir,
         weights=weights,
         finetune=result.to_dict(),
         export=exported,
+        bundle=bundle,
+        predictions=predictions,
         notes=notes,
     )
+
+
+def _classify_with_bundle(bundle_dir: Path, data_dir: Path, per_class: int = 1) -> list[dict[str, Any]]:
+    """Classify a few held-out images exactly as the device would: the bundle's own runtime copy."""
+    import json
+    import subprocess
+    import sys
+
+    test_root = data_dir / "test" if (data_dir / "test").is_dir() else data_dir
+    images = [sorted(d.glob("*"))[0] for d in sorted(test_root.iterdir()) if d.is_dir()][: 5 * per_class]
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetl_runtime", ".", *map(str, images), "--json", "--top-k", "1"],
+        cwd=bundle_dir, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"the bundle's runtime failed: {proc.stderr.strip()[-300:]}")
+    out = []
+    for line in proc.stdout.splitlines():
+        row = json.loads(line)
+        out.append({"source": row["source"], "true": Path(row["source"]).parent.name,
+                    "label": row["top"][0]["label"], "score": row["top"][0]["score"],
+                    "latency_ms": row["latency_ms"]})  # fmt: skip
+    return out

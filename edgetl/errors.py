@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     PARITY_FAILED = 3  # an exported model does not match the float model
     CONSTRAINT_VIOLATED = 4  # a model does not fit the target's limits
     MISSING_DEPENDENCY = 5  # an optional extra is not installed
+    VERIFY_FAILED = 6  # a bundle's files do not match its manifest
     INTERRUPTED = 130  # Ctrl-C; the run can be resumed
 
 

@@ -244,9 +244,11 @@ def export(
     timings["parity_s"] = time.perf_counter() - t0
     remedies: list[dict[str, Any]] = []
     if cfg.int8 and not report.artifacts["model_int8.tflite"]["passed"] and cfg.remedies:
+        from edgetl.parity import record_remedies
         from edgetl.remedies import diagnose_and_remedy
 
         report, remedies = diagnose_and_remedy(run_dir, workdir, cfg, report, splits, spec, val, data)
+        record_remedies(run_dir, remedies)
         for name in ARTIFACTS:  # a remedy may have added a variant (model_int16x8.tflite)
             if name not in produced and (run_dir / name).is_file():
                 produced[name] = {"remedy": True}

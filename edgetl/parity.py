@@ -266,6 +266,36 @@ def write_report(run_dir: Path, report: ParityReport, classes: list[str]) -> Non
     )
 
 
+def record_remedies(run_dir: Path, remedies: list[dict[str, Any]]) -> None:
+    """Add the int8 diagnosis and remedy attempts to parity.json / parity.md (and their hashes)."""
+    import json
+
+    from edgetl.artifacts import update_manifest
+
+    report = json.loads((run_dir / "parity.json").read_text())
+    report["int8_remedies"] = remedies
+    write_json(run_dir / "parity.json", report)
+    lines = ["", "## int8 diagnosis and remedies", ""]
+    for attempt in remedies:
+        if attempt["remedy"] == "diagnosis":
+            if "error" in attempt:
+                lines.append(f"Layer-by-layer diagnosis failed: {attempt['error']}")
+                continue
+            lines += ["Layers with the largest quantisation error (RMSE in units of the layer's int8 step):", "",
+                      "| op | tensor | RMSE / scale | max abs error |", "|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {w['op']} | `{w['tensor'][:80]}` | {w['rmse_over_scale']:.2f} | {w['max_abs_error']:.4g} |"
+                      for w in attempt.get("worst_layers", [])]  # fmt: skip
+            lines.append("")
+        else:
+            lines.append(
+                f"- {attempt['remedy']}: top-1 {100 * attempt['top1']:.2f}%, Δ {attempt['delta_top1_pp']:+.2f} pp, "
+                f"agreement {100 * attempt['agreement']:.2f}% — {'pass' if attempt['passed'] else 'fail'}"
+            )
+    atomic_write(run_dir / "parity.md", (run_dir / "parity.md").read_text() + "\n".join(lines) + "\n")
+    manifest_check = read_manifest(run_dir)["stages"]["check"]
+    update_manifest(run_dir, "check", ["parity.json", "parity.md"], manifest_check)
+
+
 def parity_markdown(report: ParityReport) -> str:
     def pct(value: float) -> str:
         return f"{100 * value:.2f}%"

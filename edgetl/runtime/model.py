@@ -148,3 +148,46 @@ class TFLiteClassifier:
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB pixels at the model's input size -> float32 scores."""
         return self.invoke(self.to_input(pixels))
+
+
+class ONNXClassifier:
+    """The same interface for a float ONNX model (input float RGB 0..255, NCHW) on onnxruntime."""
+
+    def __init__(self, path: str, num_threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.log_severity_level = 3
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        tensor = self.session.get_inputs()[0]
+        self._name = tensor.name
+        shape = tuple(int(d) for d in tensor.shape)
+        self.input = TensorSpec(tensor.name, shape, "float32", 0.0, 0)
+        out = self.session.get_outputs()[0]
+        self.output = TensorSpec(out.name, tuple(int(d) for d in out.shape), "float32", 0.0, 0)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.input.shape[2], self.input.shape[3]
+
+    @property
+    def num_classes(self) -> int:
+        return self.output.shape[-1]
+
+    def to_input(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels[None].transpose(0, 3, 1, 2).astype(np.float32)
+
+    def invoke(self, tensor: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._name: tensor})[0][0].astype(np.float32)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        return self.invoke(self.to_input(pixels))
+
+
+def open_model(path: str, num_threads: int = 1):
+    """A classifier for a ``.tflite`` or ``.onnx`` file."""
+    if str(path).endswith(".onnx"):
+        return ONNXClassifier(path, num_threads)
+    return TFLiteClassifier(path, num_threads)

@@ -1,0 +1,274 @@
+"""Package a checked run for a target: a verified, self-describing, reproducible bundle.
+
+The bundle folder holds the target's artifact, ``labels.txt``, ``manifest.json`` (schema version,
+edgetl version, target, preprocessing and I/O spec, every file's sha256 and size, parity, calibration
+hash, training summary, tool versions), the device runtime (``edgetl_runtime/``, copied as is),
+``requirements-device.txt`` and ``README.txt``. The ``.tar.gz`` beside it is byte-for-byte
+reproducible: sorted entries, fixed mtime (``SOURCE_DATE_EPOCH`` or 1980-01-01), owner 0/0, fixed
+modes, and a gzip header without a timestamp or file name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetl import __version__
+from edgetl.artifacts import atomic_path, dumps_json, read_manifest, verify_files
+from edgetl.errors import EdgetlError, ExitCode, RunDirError
+from edgetl.targets import Target
+
+RUNTIME_DIR = "edgetl_runtime"
+DEFAULT_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the earliest time a zip can hold too
+
+
+class ParityRefused(EdgetlError):
+    exit_code = ExitCode.PARITY_FAILED
+
+
+class ConstraintViolated(EdgetlError):
+    exit_code = ExitCode.CONSTRAINT_VIOLATED
+
+
+@dataclass
+class PackageResult:
+    bundle_dir: Path
+    archive: Path
+    archive_sha256: str
+    target: str
+    files: dict[str, dict[str, Any]]
+    forced: bool
+    parity: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle_dir": str(self.bundle_dir),
+            "archive": str(self.archive),
+            "archive_sha256": self.archive_sha256,
+            "archive_bytes": self.archive.stat().st_size,
+            "target": self.target,
+            "files": self.files,
+            "forced": self.forced,
+            "parity": self.parity,
+        }
+
+
+def source_date_epoch() -> int:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None:
+        return DEFAULT_EPOCH
+    try:
+        return int(value)
+    except ValueError:
+        raise EdgetlError(f"SOURCE_DATE_EPOCH must be an integer, got {value!r}") from None
+
+
+def parity_verdict(manifest: dict[str, Any], artifact: str, target: Target) -> tuple[bool, dict[str, Any]]:
+    """Whether ``artifact`` passed parity, judged by the target's own thresholds on the recorded metrics."""
+    check = manifest["stages"].get("check")
+    if check is None or artifact not in check.get("artifacts", {}):
+        return False, {"reason": "not checked"}
+    metrics = dict(check["artifacts"][artifact])
+    passed = (
+        metrics["passed"]
+        and metrics["delta_top1_pp"] >= -target.parity.max_drop
+        and metrics["agreement"] >= target.parity.min_agreement
+    )
+    metrics.update(
+        passed_for_target=bool(passed),
+        target_thresholds={"max_drop": target.parity.max_drop, "min_agreement": target.parity.min_agreement},
+        data=check.get("data"),
+    )
+    return bool(passed), metrics
+
+
+def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, size: int) -> list[str]:
+    """Every way the artifact breaks the target's limits (empty: it fits)."""
+    problems = []
+    spec = manifest["stages"]["export"]["artifacts"][artifact]
+    limit = target.constraints.max_model_bytes
+    if limit is not None and size > limit:
+        problems.append(f"{artifact} is {size:,} bytes, {size - limit:,} over the target's {limit:,}")
+    shape = spec["input"]["shape"]
+    side = shape[2] if target.input.layout == "NCHW" else shape[1]
+    if side != target.input.size:
+        need = target.input.size
+        problems.append(f"model input is {side}x{side}, the target needs {need}x{need}")
+    if spec["input"]["dtype"] != target.input.dtype:
+        problems.append(f"model input dtype is {spec['input']['dtype']}, the target needs {target.input.dtype}")
+    if target.constraints.static_shapes and any(not isinstance(d, int) or d <= 0 for d in shape):
+        problems.append(f"model input shape {shape} is not static")
+    if shape[0] != target.constraints.batch:
+        problems.append(f"model batch is {shape[0]}, the target needs {target.constraints.batch}")
+    return problems
+
+
+def runtime_files() -> dict[str, bytes]:
+    """The device runtime's sources, as they will sit in the bundle."""
+    source = Path(__file__).resolve().parent / "runtime"
+    return {f"{RUNTIME_DIR}/{p.name}": p.read_bytes() for p in sorted(source.glob("*.py"))}
+
+
+def bundle_readme(name: str, target: Target, model: str) -> str:
+    return f"""{name}: an edgetl bundle for {target.name} ({target.description})
+
+Install the runtime's dependencies on the device (no torch, no TensorFlow, no edgetl):
+
+    pip install -r requirements-device.txt
+
+Classify images or folders (the runtime checks every file's sha256 against manifest.json first):
+
+    python3 -m {RUNTIME_DIR} . path/to/image.jpg path/to/folder --top-k 3
+
+Model: {model}; input {target.input.size}x{target.input.size} RGB {target.input.dtype} \
+{target.input.layout}; labels in labels.txt; everything else in manifest.json.
+"""
+
+
+def package(
+    run_dir: str | os.PathLike, target: Target, out: str | os.PathLike | None = None, force: bool = False
+) -> PackageResult:
+    """Build the bundle folder and its reproducible ``.tar.gz``.
+
+    Raises:
+        RunDirError: nothing exported for this target's artifact, or run files differ from the manifest.
+        ParityRefused: the artifact failed (or never had) the parity check, unless ``force``.
+        ConstraintViolated: the model breaks a target limit (size, input, static shape, batch).
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    artifact = target.artifact
+    if artifact not in manifest["files"] or "export" not in manifest["stages"]:
+        raise RunDirError(
+            f"{run_dir} has no {artifact}, which {target.name} ships",
+            hint=f"run: edgetl export {run_dir} --target {target.name}",
+        )
+    tampered = [n for n in verify_files(run_dir, manifest) if n in (artifact, "labels.txt", "model.pt")]
+    if tampered:
+        raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
+    passed, parity = parity_verdict(manifest, artifact, target)
+    if not passed and not force:
+        reason = parity.get("reason") or (
+            f"top-1 Δ {parity['delta_top1_pp']:+.2f} pp, agreement {100 * parity['agreement']:.2f}% "
+            f"(target: ≥ -{target.parity.max_drop} pp, ≥ {100 * target.parity.min_agreement:.1f}%)"
+        )
+        raise ParityRefused(
+            f"{artifact} failed parity for {target.name}: {reason}",
+            hint="see parity.md; --force packages it anyway and records that in the manifest",
+        )
+    model_bytes = (run_dir / artifact).read_bytes()
+    problems = check_constraints(manifest, artifact, target, len(model_bytes))
+    if problems:
+        more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise ConstraintViolated(f"{target.name}: {problems[0]}{more}")
+
+    finetune = manifest["stages"]["finetune"]
+    export = manifest["stages"]["export"]
+    contents: dict[str, bytes] = {
+        artifact: model_bytes,
+        "labels.txt": (run_dir / "labels.txt").read_bytes(),
+        "requirements-device.txt": "".join(f"{r}\n" for r in target.device.requirements).encode(),
+        **runtime_files(),
+    }
+    name = f"{run_dir.resolve().name}-{target.name}"
+    contents["README.txt"] = bundle_readme(name, target, artifact).encode()
+    files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+             for rel, data in sorted(contents.items())}  # fmt: skip
+    bundle_manifest = {
+        "kind": "edgetl-bundle",
+        "schema_version": 1,
+        "edgetl_version": __version__,
+        "name": name,
+        "model": artifact,
+        "num_classes": finetune["arch"]["num_classes"],
+        "target": target.to_dict(),
+        "preprocess": finetune["preprocess"],
+        "io": {key: export["artifacts"][artifact][key] for key in ("input", "output")},
+        "files": files,
+        "parity": parity,
+        "forced": bool(force and not passed),
+        "calibration": export.get("calibration"),
+        "training": {
+            "arch": finetune["arch"],
+            "weights": finetune["weights"],
+            "best_epoch": finetune["best_epoch"],
+            "val_top1": finetune["val_top1"],
+            "test_top1": finetune["test_top1"],
+            "data_fingerprint": finetune["data"]["fingerprint"],
+            "run_model_sha256": manifest["files"]["model.pt"]["sha256"],
+        },
+        "versions": {**finetune.get("versions", {}), **export.get("versions", {})},
+    }
+    contents["manifest.json"] = dumps_json(bundle_manifest).encode()
+
+    out = Path(out) if out is not None else run_dir / "bundles"
+    bundle_dir = out / name
+    archive = out / f"{name}.tar.gz"
+    _write_dir(bundle_dir, contents)
+    data = _reproducible_targz(name, contents, source_date_epoch())
+    with atomic_path(archive) as tmp:
+        tmp.write_bytes(data)
+    return PackageResult(
+        bundle_dir=bundle_dir,
+        archive=archive,
+        archive_sha256=hashlib.sha256(data).hexdigest(),
+        target=target.name,
+        files=files,
+        forced=bundle_manifest["forced"],
+        parity=parity,
+    )
+
+
+def _write_dir(bundle_dir: Path, contents: dict[str, bytes]) -> None:
+    """Write the folder beside its final place, then swap it in (never half a bundle)."""
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
+    try:
+        for rel, data in contents.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        old = bundle_dir.with_name(f".{bundle_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if bundle_dir.exists():
+            bundle_dir.rename(old)
+        tmp.rename(bundle_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _reproducible_targz(name: str, contents: dict[str, bytes], mtime: int) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        directories = sorted({str(Path(name, rel).parent) for rel in contents} | {name})
+        for directory in directories:
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            _normalise(info, mtime)
+            tar.addfile(info)
+        for rel in sorted(contents):
+            info = tarfile.TarInfo(f"{name}/{rel}")
+            info.size, info.mode = len(contents[rel]), 0o644
+            _normalise(info, mtime)
+            tar.addfile(info, io.BytesIO(contents[rel]))
+    out = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
+
+
+def _normalise(info: tarfile.TarInfo, mtime: int) -> None:
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.pax_headers = {}

@@ -1,0 +1,104 @@
+"""A packaged bundle on the device: its manifest, hash verification, labels and preprocessing.
+
+A bundle is a folder (or its ``.tar.gz``) made by ``edgetl package``: the model, ``labels.txt``,
+``manifest.json`` with every file's sha256, this runtime and ``requirements-device.txt``. Nothing is
+loaded from a bundle whose files do not match its manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .preprocess import PreprocessSpec
+
+MANIFEST = "manifest.json"
+BUNDLE_SCHEMA_VERSION = 1
+
+
+class BundleError(Exception):
+    """The bundle is missing, incomplete, tampered with or inconsistent."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_bundle_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{root} is not a bundle: no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from None
+    if manifest.get("schema_version") != BUNDLE_SCHEMA_VERSION or manifest.get("kind") != "edgetl-bundle":
+        raise BundleError(f"{path} is not an edgetl bundle manifest of schema {BUNDLE_SCHEMA_VERSION}")
+    return manifest
+
+
+def verify_bundle(root: str | os.PathLike) -> list[str]:
+    """Problems found re-hashing every file against the manifest (empty: the bundle is intact)."""
+    root = Path(root)
+    manifest = read_bundle_manifest(root)
+    problems = []
+    listed = manifest.get("files", {})
+    for rel, entry in sorted(listed.items()):
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel != MANIFEST and rel not in listed and "__pycache__" not in rel:
+            problems.append(f"{rel}: not in the manifest")
+    return problems
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+    model_path: Path
+    labels: list[str]
+    preprocess: PreprocessSpec
+    threads: int
+
+    @property
+    def target(self) -> dict[str, Any]:
+        return self.manifest["target"]
+
+
+def open_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Open a bundle folder, refusing it if any file differs from its manifest.
+
+    Raises:
+        BundleError: not a bundle, tampered, or labels that do not match the model.
+    """
+    root = Path(root)
+    manifest = read_bundle_manifest(root)
+    if verify:
+        problems = verify_bundle(root)
+        if problems:
+            raise BundleError(f"bundle {root} fails verification: {problems[0]}"
+                              + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))  # fmt: skip
+    labels = (root / "labels.txt").read_text().splitlines()
+    if len(labels) != manifest["num_classes"]:
+        raise BundleError(f"labels.txt has {len(labels)} labels, the model {manifest['num_classes']} classes")
+    return Bundle(
+        root=root,
+        manifest=manifest,
+        model_path=root / manifest["model"],
+        labels=labels,
+        preprocess=PreprocessSpec.from_dict(manifest["preprocess"]),
+        threads=int(manifest["target"].get("threads", 1)),
+    )

@@ -1,0 +1,222 @@
+"""Edge targets as data: one TOML file per target in ``targets/``, validated on load.
+
+A target says which artifact ships, how the device runs it, what its input looks like, how it is
+quantised, the parity thresholds it needs, and the limits the model must fit. Unknown keys are errors
+that name the closest valid key; wrong types and out-of-range values are errors too. Anywhere a target
+name is accepted, a path to a user's own ``.toml`` file works as well.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgetl.calib import data_dir
+from edgetl.config import check_keys
+from edgetl.errors import ConfigError
+
+RUNTIMES = ("litert", "onnxruntime", "tflm")
+DELEGATES = ("none", "xnnpack", "edgetpu", "ethos-u")
+KINDS = ("cpu", "accelerator", "mcu")
+ARTIFACT_PRECISION = {
+    "model.onnx": "float32",
+    "model_float32.tflite": "float32",
+    "model_int8.tflite": "int8",
+    "model_int16x8.tflite": "int16x8",
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    size: int = 224  # square input side the model must have
+    dtype: str = "uint8"  # "uint8" (raw pixels), "int8" or "float32"
+    layout: str = "NHWC"  # "NHWC" (TFLite) or "NCHW" (ONNX)
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    mode: str = "int8"  # "int8", "int16x8" or "float32"
+    input_dtype: str = "uint8"
+    output_dtype: str = "int8"
+
+
+@dataclass(frozen=True)
+class ParitySpec:
+    max_drop: float = 1.0  # top-1 points the shipped artifact may lose against float
+    min_agreement: float = 0.98  # required top-1 agreement with float
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_model_bytes: int | None = None  # size of the shipped model file
+    max_arena_bytes: int | None = None  # working memory (tensor arena), checked where measurable
+    static_shapes: bool = True
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    tool: str = ""  # e.g. "edgetpu_compiler", "vela"
+    args: tuple[str, ...] = ()
+    allow_cpu_ops: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    width: float | None = None  # MobileNetV2 width this target needs (finetune --target uses it)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    arch: str = ""
+    python: str = ""
+    requirements: tuple[str, ...] = ()  # pip requirements of the device runtime
+    system: tuple[str, ...] = ()  # system packages (informational)
+
+
+SECTIONS = {
+    "input": InputSpec,
+    "quantization": QuantizationSpec,
+    "parity": ParitySpec,
+    "constraints": Constraints,
+    "compile": CompileSpec,
+    "model": ModelSpec,
+    "device": DeviceSpec,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    kind: str  # "cpu", "accelerator" or "mcu"
+    runtime: str  # "litert", "onnxruntime" or "tflm"
+    delegate: str  # "none", "xnnpack", "edgetpu" or "ethos-u"
+    artifact: str  # the file from the run that ships
+    threads: int = 1
+    input: InputSpec = field(default_factory=InputSpec)
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    parity: ParitySpec = field(default_factory=ParitySpec)
+    constraints: Constraints = field(default_factory=Constraints)
+    compile: CompileSpec = field(default_factory=CompileSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    device: DeviceSpec = field(default_factory=DeviceSpec)
+    source: str = ""  # the file it was read from (not a key)
+
+    @property
+    def precision(self) -> str:
+        return ARTIFACT_PRECISION[self.artifact]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+
+def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
+    """Validate one TOML value against a dataclass field's annotation (a string under __future__)."""
+    text = str(expected)
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {key} must not be empty")
+    if "tuple" in text:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if text.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif text.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif text.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        kind = text.split(" ")[0].split("|")[0]
+        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    valid = {f.name for f in fields(cls)} - {"source"}
+    check_keys(values, valid, where)
+    types = {f.name: f.type for f in fields(cls)}
+    built = {}
+    for key, value in values.items():
+        if key in SECTIONS and cls is Target:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{key}] must be a table")
+            built[key] = _build(SECTIONS[key], value, f"{where} [{key}]")
+        else:
+            built[key] = _check_type(where, key, value, types[key])
+    return cls(**built)
+
+
+def _validate(target: Target, where: str) -> None:
+    def bad(message: str) -> ConfigError:
+        return ConfigError(f"{where}: {message}")
+
+    for name, value, allowed in (("kind", target.kind, KINDS), ("runtime", target.runtime, RUNTIMES),
+                                 ("delegate", target.delegate, DELEGATES)):  # fmt: skip
+        if value not in allowed:
+            raise bad(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if target.artifact not in ARTIFACT_PRECISION:
+        raise bad(f"artifact must be one of {', '.join(ARTIFACT_PRECISION)}, got {target.artifact!r}")
+    if target.quantization.mode != target.precision:
+        raise bad(f"quantization mode {target.quantization.mode!r} does not match artifact {target.artifact}")
+    if not 16 <= target.input.size <= 1024 or target.input.size % 8:
+        raise bad(f"input size must be a multiple of 8 in 16..1024, got {target.input.size}")
+    if target.input.layout not in ("NHWC", "NCHW"):
+        raise bad(f"input layout must be NHWC or NCHW, got {target.input.layout!r}")
+    if target.threads < 1:
+        raise bad("threads must be >= 1")
+    if target.parity.max_drop < 0 or not 0 <= target.parity.min_agreement <= 1:
+        raise bad("parity needs max_drop >= 0 and 0 <= min_agreement <= 1")
+    for key in ("max_model_bytes", "max_arena_bytes"):
+        value = getattr(target.constraints, key)
+        if value is not None and value <= 0:
+            raise bad(f"constraints.{key} must be > 0")
+    if target.model.width is not None and not 0.05 <= target.model.width <= 4:
+        raise bad("model width must be within 0.05..4")
+
+
+def target_files() -> list[Path]:
+    return sorted(data_dir("targets").glob("*.toml"))
+
+
+def load_target(name_or_path: str) -> Target:
+    """Load a target by name (``targets/<name>.toml``) or by path to a ``.toml`` file.
+
+    Raises:
+        ConfigError: unknown target (with the closest names), bad TOML, unknown key, bad value.
+    """
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        path = data_dir("targets") / f"{name_or_path}.toml"
+    if not path.is_file():
+        import difflib
+
+        known = [p.stem for p in target_files()]
+        close = difflib.get_close_matches(str(name_or_path), known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known targets: {', '.join(known)}"
+        raise ConfigError(f"unknown target {name_or_path!r}", hint=hint + " (or give a .toml path)")
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read target file {path}: {exc}") from None
+    where = f"target {path.name}"
+    for required in ("name", "description", "kind", "runtime", "delegate", "artifact"):
+        if required not in values:
+            raise ConfigError(f"{where}: missing key {required!r}")
+    target = _build(Target, values, where)
+    _validate(target, where)
+    return Target(**{**{f.name: getattr(target, f.name) for f in fields(Target)}, "source": str(path)})
+
+
+def all_targets() -> list[Target]:
+    return [load_target(str(path)) for path in target_files()]

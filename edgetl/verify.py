@@ -1,0 +1,32 @@
+"""``edgetl verify``: re-hash a bundle (folder or ``.tar.gz``) against its manifest."""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+from pathlib import Path
+
+from edgetl.errors import EdgetlError
+from edgetl.runtime.bundle import BundleError, verify_bundle
+
+
+def verify(bundle: str) -> list[str]:
+    """Problems found (empty: intact).
+
+    Raises:
+        EdgetlError: the path is not a bundle at all.
+    """
+    path = Path(bundle)
+    try:
+        if path.is_dir():
+            return verify_bundle(path)
+        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+            with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as tar:
+                tar.extractall(tmp, filter="data")
+                roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
+                if len(roots) != 1:
+                    raise BundleError(f"{path} should hold one bundle folder, found {len(roots)}")
+                return verify_bundle(roots[0])
+    except (BundleError, tarfile.TarError, OSError) as exc:
+        raise EdgetlError(str(exc)) from None
+    raise EdgetlError(f"{bundle} is neither a bundle folder nor a .tar.gz")
