@@ -154,6 +154,12 @@ def package(
     tampered = [n for n in verify_files(run_dir, manifest) if n in (artifact, "labels.txt", "model.pt")]
     if tampered:
         raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
+    model_bytes = (run_dir / artifact).read_bytes()
+    problems = check_constraints(manifest, artifact, target, len(model_bytes))
+    if problems:
+        more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise ConstraintViolated(f"{target.name}: {problems[0]}{more}")
+
     passed, parity = parity_verdict(manifest, artifact, target)
     if not passed and not force:
         reason = parity.get("reason") or (
@@ -164,12 +170,6 @@ def package(
             f"{artifact} failed parity for {target.name}: {reason}",
             hint="see parity.md; --force packages it anyway and records that in the manifest",
         )
-    model_bytes = (run_dir / artifact).read_bytes()
-    problems = check_constraints(manifest, artifact, target, len(model_bytes))
-    if problems:
-        more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
-        raise ConstraintViolated(f"{target.name}: {problems[0]}{more}")
-
     finetune = manifest["stages"]["finetune"]
     export = manifest["stages"]["export"]
     contents: dict[str, bytes] = {

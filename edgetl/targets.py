@@ -210,6 +210,7 @@ def load_target(name_or_path: str) -> Target:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read target file {path}: {exc}") from None
     where = f"target {path.name}"
+    check_keys(values, {f.name for f in fields(Target)} - {"source"}, where)
     for required in ("name", "description", "kind", "runtime", "delegate", "artifact"):
         if required not in values:
             raise ConfigError(f"{where}: missing key {required!r}")

@@ -152,6 +152,9 @@ def exported_run(learned_run, tmp_path_factory, netguard_log):
     """
     pytest.importorskip("onnx2tf", reason="needs the export extra")
     from edgetl.export import ExportConfig, export
+    from edgetl.parity import Thresholds
 
     run_dir = copy_run(learned_run[1], tmp_path_factory.mktemp("export") / "run")
-    return export(run_dir, ExportConfig(calib="small")), run_dir
+    # 32 validation images and a 4-epoch model: one flipped image costs 3 points of agreement, so the
+    # gate is set loosely here; tests of the gate itself use models that fail it clearly.
+    return export(run_dir, ExportConfig(thresholds=Thresholds(max_drop=10.0, min_agreement=0.85))), run_dir

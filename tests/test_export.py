@@ -18,6 +18,7 @@ from edgetl.data import discover
 from edgetl.errors import ConfigError, DataError
 from edgetl.parity import runner_for
 from edgetl.runtime.preprocess import PreprocessSpec
+from edgetl.targets import load_target
 from edgetl.tflite_inspect import inspect_tflite
 from edgetl.train import load_checkpoint, predict_logits
 
@@ -125,6 +126,21 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     manifest = read_manifest(run_dir)
     assert manifest["stages"]["check"]["artifacts"]["model_int8.tflite"]["passed"] is False
     assert manifest["stages"]["export"]["calibration"]["source"] == "dir"
+    report = json.loads((run_dir / "parity.json").read_text())
+    assert [r["remedy"] for r in report["int8_remedies"]][0] == "diagnosis"
+    assert "## int8 diagnosis and remedies" in (run_dir / "parity.md").read_text()
+
+    # Packaging refuses the failing int8 model (exit 3) unless forced, and a forced bundle says so.
+    target = tmp_path / "t64.toml"
+    target.write_text(open(load_target("rpi4-cpu").source).read().replace("size = 224", "size = 64"))
+    refused = CliRunner().invoke(main, ["package", str(run_dir), "--target", str(target), "--out", str(tmp_path / "b")])
+    assert refused.exit_code == 3 and "failed parity" in refused.stderr
+    assert not (tmp_path / "b").exists()
+    forced = CliRunner().invoke(main, ["-q", "package", str(run_dir), "--target", str(target),
+                                       "--out", str(tmp_path / "b"), "--force", "--json"])  # fmt: skip
+    assert forced.exit_code == 0, forced.output
+    bundle_manifest = json.loads(open(json.loads(forced.stdout)["bundle_dir"] + "/manifest.json").read())
+    assert bundle_manifest["forced"] is True and bundle_manifest["parity"]["passed_for_target"] is False
 
 
 # ----------------------------------------------------------------------------- calibration
