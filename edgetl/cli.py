@@ -357,6 +357,16 @@ def verify_command(bundle: str, as_json: bool) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run_command(bundle: str, args: tuple[str, ...]) -> None:
     """Run a bundle on images with the device runtime (same as `python -m edgetl_runtime`)."""
-    from edgetl.runtime.__main__ import main as runtime_main
+    from edgetl.runtime.app import main as runtime_main
 
     sys.exit(runtime_main([bundle, *args]))
+
+
+@main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(bundle: str, args: tuple[str, ...]) -> None:
+    """Latency of a bundle or model: invoke and whole frame, per thread count (--threads 1,2,4 --runs N)."""
+    from edgetl.runtime.app import main as runtime_main
+
+    sys.exit(runtime_main(["bench", bundle, *args]))

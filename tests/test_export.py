@@ -66,7 +66,7 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
     stage = manifest["stages"]["export"]
     int8 = stage["artifacts"]["model_int8.tflite"]
     assert int8["output"]["dtype"] == "int8" and int8["output"]["scale"] > 0
-    assert stage["calibration"]["recipe"]["name"] == "small"
+    assert stage["calibration"]["recipe"]["name"] == "default"
     assert len(stage["calibration"]["sha256"]) == 64 and stage["calibration"]["count"] > 0
     assert {"torch", "onnx2tf", "tensorflow", "ai-edge-litert"} <= set(stage["versions"])
     assert stage["timings"]["onnx2tf_s"] > 0 and stage["parity_passed"] == result.parity.passed
@@ -91,17 +91,21 @@ def test_export_never_reached_the_network(exported_run, netguard_log):
     assert not netguard_log.exists() or netguard_log.read_text() == ""
 
 
-def test_check_command_json_and_exit_code(exported_run):
-    result, run_dir = exported_run
-    cli = CliRunner().invoke(main, ["-q", "check", str(run_dir), "--json"])
+def test_check_command_json_and_exit_code(exported_run, tmp_path):
+    result, shared_run = exported_run
+    run_dir = copy_run(shared_run, tmp_path / "run")  # check rewrites the verdicts: keep the fixture's
+    thresholds = ["--max-drop", "10", "--min-agreement", "0.85"]  # the fixture's (see conftest)
+    cli = CliRunner().invoke(main, ["-q", "check", str(run_dir), *thresholds, "--json"])
     payload = json.loads(cli.stdout)
     assert cli.exit_code == (0 if payload["passed"] else 3)
     assert payload["passed"] == result.parity.passed
+    assert payload["artifacts"]["model_int8.tflite"]["top1"] == result.parity.artifacts["model_int8.tflite"]["top1"]
     # An impossible requirement fails the gate with the documented exit code.
-    strict = CliRunner().invoke(main, ["-q", "check", str(run_dir), "--max-drop", "-0", "--min-agreement", "1"])
+    strict = CliRunner().invoke(main, ["-q", "check", str(run_dir), "--max-drop", "0", "--min-agreement", "1"])
     report = json.loads((run_dir / "parity.json").read_text())
     expected = 0 if all(a["agreement"] == 1.0 and a["delta_top1_pp"] >= 0 for a in report["artifacts"].values()) else 3
     assert strict.exit_code == expected
+    assert read_manifest(run_dir)["stages"]["check"]["passed"] is (expected == 0)
 
 
 def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run, tmp_path, netguard_log):

@@ -121,20 +121,23 @@ class TFLiteClassifier:
         return self.output.shape[-1]
 
     def to_input(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 RGB pixels ``[H, W, 3]`` -> the model's input tensor ``[1, H, W, 3]``."""
+        """uint8 RGB pixels ``[H, W, 3]`` -> the model's input tensor ``[1, H, W, 3]``.
+
+        Integer inputs of image models live in the pixel domain: a uint8 input takes the pixels as
+        they are, whatever float range its quantisation maps them to (edgetl's: 0..255 with the
+        normalisation inside; Coral's: -1..1); an int8 input takes pixels - 128. Only float inputs
+        are scaled, to ``pixel_range``.
+        """
         batch = pixels[None]
         dtype = self.input.dtype
-        low, high = self.pixel_range
+        if dtype == "uint8":
+            return batch
+        if dtype == "int8":
+            return (batch.astype(np.int16) - 128).astype(np.int8)
         if dtype == "float32":
+            low, high = self.pixel_range
             return (batch.astype(np.float32) * ((high - low) / 255.0) + low).astype(np.float32)
-        if self.input.scale == 0:
-            raise ValueError(f"{self.path}: integer input without quantisation parameters")
-        if dtype == "uint8" and self.input.scale == 1.0 and self.input.zero_point == 0:
-            return batch  # raw pixels: the common case, no arithmetic at all
-        info = np.iinfo(dtype)
-        real = batch.astype(np.float32) * ((high - low) / 255.0) + low
-        quantised = np.round(real / self.input.scale) + self.input.zero_point
-        return np.clip(quantised, info.min, info.max).astype(dtype)
+        raise ValueError(f"{self.path}: unsupported input dtype {dtype}")
 
     def invoke(self, tensor: np.ndarray) -> np.ndarray:
         """Run one prepared input tensor; return float32 scores ``[num_classes]`` (dequantised)."""

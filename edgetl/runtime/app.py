@@ -1,0 +1,278 @@
+"""The device application: classify images, videos or a live camera with a bundle or a plain model.
+
+    python3 -m edgetl_runtime BUNDLE photo.jpg folder/ [--json]
+    python3 -m edgetl_runtime BUNDLE --camera 0 [--show] [--save out.mp4]
+    python3 -m edgetl_runtime BUNDLE --video clip.mp4
+    python3 -m edgetl_runtime model.tflite --labels labels.txt photo.jpg      # third-party model
+    python3 -m edgetl_runtime bench BUNDLE [--threads 1,2,4] [--runs 50]
+
+Exit codes: 0 ok, 1 error, 2 usage, 6 bundle failed verification, 130 interrupted (with a summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import BundleError, open_bundle
+from .model import open_model
+from .preprocess import PreprocessSpec, prepare
+from .sources import SourceError, camera_frames, image_frames, video_frames
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
+
+
+class RuntimeFailure(Exception):
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Classifier:
+    """A model, its labels and its preprocessing: RGB frame in, ranked labels out."""
+
+    model: object
+    labels: list[str]
+    spec: PreprocessSpec
+    outputs_probabilities: bool  # False: logits, softmax is applied
+    skip_index: int | None = None  # a "background" class never reported
+
+    def classify(self, rgb: np.ndarray, top_k: int) -> tuple[list[dict], dict[str, float]]:
+        t0 = time.perf_counter()
+        tensor = self.model.to_input(prepare(rgb, self.spec))
+        t1 = time.perf_counter()
+        scores = self.model.invoke(tensor)
+        t2 = time.perf_counter()
+        probs = scores if self.outputs_probabilities else _softmax(scores)
+        order = [int(i) for i in np.argsort(-probs) if i != self.skip_index][:top_k]
+        top = [{"label": self.labels[i], "index": i, "score": round(float(probs[i]), 5)} for i in order]
+        t3 = time.perf_counter()
+        timings = {"preprocess_ms": (t1 - t0) * 1e3, "invoke_ms": (t2 - t1) * 1e3, "postprocess_ms": (t3 - t2) * 1e3}
+        return top, timings
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max())
+    return shifted / shifted.sum()
+
+
+def load_classifier(source: str, threads: int | None, labels: str | None, background: bool,
+                    crop_fraction: float, pixel_range: str) -> Classifier:  # fmt: skip
+    """A bundle folder (verified, preprocessing from its manifest) or a plain .tflite/.onnx file."""
+    path = Path(source)
+    if path.is_dir():
+        try:
+            bundle = open_bundle(path)
+        except BundleError as exc:
+            raise RuntimeFailure(str(exc), EXIT_VERIFY if "verification" in str(exc) else EXIT_ERROR) from None
+        model = open_model(str(bundle.model_path), threads or bundle.threads)
+        names, spec, probabilities = bundle.labels, bundle.preprocess, False
+    elif path.is_file() and path.suffix in (".tflite", ".onnx"):
+        if labels is None:
+            raise RuntimeFailure(f"{path} is a plain model: give --labels FILE (one label per line)", EXIT_USAGE)
+        low, high = (float(v) for v in pixel_range.split(","))
+        model = open_model(str(path), threads or 1)
+        if hasattr(model, "pixel_range"):
+            model.pixel_range = (low, high)
+        names = Path(labels).read_text().splitlines()
+        size = model.image_size[0]
+        spec = PreprocessSpec(image_size=size, resize_size=max(size, round(size / crop_fraction)))
+        probabilities = None  # decided from the outputs below
+    else:
+        raise RuntimeFailure(f"{source} is neither a bundle folder nor a .tflite/.onnx file")
+    skip = None
+    if len(names) == model.num_classes - 1:
+        names, skip = ["background", *names], 0  # labels without the model's background class
+    elif len(names) != model.num_classes:
+        raise RuntimeFailure(f"model has {model.num_classes} outputs but there are {len(names)} labels")
+    if background:
+        skip = 0
+    if probabilities is None:
+        out = model.output
+        if out.dtype in ("uint8", "int8"):
+            # TFLite quantises a softmax output with scale 1/256 and zero point 0 (uint8) / -128 (int8).
+            probabilities = abs(out.scale - 1 / 256) < 1e-9 and out.zero_point == (0 if out.dtype == "uint8" else -128)
+        else:
+            probe = model.invoke(model.to_input(np.full((*model.image_size, 3), 128, np.uint8)))
+            probabilities = bool(probe.min() >= 0 and abs(float(probe.sum()) - 1.0) < 1e-3)
+    return Classifier(model, names, spec, probabilities, skip)
+
+
+@dataclass
+class Stats:
+    frames: int = 0
+    skipped: int = 0
+    invoke_ms: list[float] = field(default_factory=list)
+    frame_ms: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def summary(self, dropped: int = 0) -> dict:
+        elapsed = time.perf_counter() - self.started
+        fps = round(self.frames / elapsed, 2) if elapsed > 0 else 0.0
+        out = {"frames": self.frames, "skipped": self.skipped, "dropped_camera_frames": dropped,
+               "seconds": round(elapsed, 3), "fps": fps}  # fmt: skip
+        if self.invoke_ms:
+            out["invoke_ms_median"] = round(statistics.median(self.invoke_ms), 3)
+            out["frame_ms_median"] = round(statistics.median(self.frame_ms), 3)
+        return out
+
+
+def draw_overlay(bgr: np.ndarray, top: list[dict], fps: float, latency_ms: float) -> np.ndarray:
+    import cv2
+
+    out = bgr.copy()
+    lines = [f"{t['label']} {t['score']:.2f}" for t in top] + [f"{fps:.1f} FPS  {latency_ms:.1f} ms"]
+    for i, text in enumerate(lines):
+        y = 28 + 26 * i
+        cv2.putText(out, text, (10, y), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 4, cv2.LINE_AA)
+        cv2.putText(out, text, (10, y), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    classifier = load_classifier(args.model, args.threads, args.labels, args.background,
+                                 args.crop_fraction, args.pixel_range)  # fmt: skip
+    reader = None
+    if args.camera is not None:
+        frames, reader = camera_frames(args.camera, max_frames=args.max_frames, picamera2=args.picamera2)
+    elif args.video:
+        frames = video_frames(args.video)
+    elif args.sources:
+        frames = image_frames(args.sources)
+    else:
+        raise RuntimeFailure("nothing to classify: give images or folders, --video FILE or --camera N", EXIT_USAGE)
+
+    stats, writer = Stats(), None
+    try:
+        for frame in frames:
+            if frame.rgb is None:
+                print(f"edgetl-runtime: warning: skipping {frame.name}: {frame.error}", file=sys.stderr)
+                stats.skipped += 1
+                continue
+            start = time.perf_counter()
+            top, timings = classifier.classify(frame.rgb, args.top_k)
+            frame_ms = (time.perf_counter() - start) * 1e3
+            stats.frames += 1
+            stats.invoke_ms.append(timings["invoke_ms"])
+            stats.frame_ms.append(frame_ms)
+            fps = stats.frames / max(time.perf_counter() - stats.started, 1e-9)
+            record = {"source": frame.name, "top": top, "latency_ms": round(frame_ms, 3),
+                      "invoke_ms": round(timings["invoke_ms"], 3), "fps": round(fps, 2)}  # fmt: skip
+            if args.json:
+                print(json.dumps(record), flush=True)
+            else:
+                ranked = ", ".join(f"{t['label']} {t['score']:.3f}" for t in top)
+                print(f"{frame.name}: {ranked}  ({frame_ms:.1f} ms, {fps:.1f} FPS)", flush=True)
+            if args.show or args.save:
+                import cv2
+
+                annotated = draw_overlay(cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2BGR), top, fps, frame_ms)
+                if args.save:
+                    if writer is None:
+                        height, width = annotated.shape[:2]
+                        writer = cv2.VideoWriter(args.save, cv2.VideoWriter_fourcc(*"mp4v"), 15.0, (width, height))
+                        if not writer.isOpened():
+                            raise RuntimeFailure(f"cannot write video {args.save}")
+                    writer.write(annotated)
+                if args.show:
+                    cv2.imshow("edgetl", annotated)
+                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                        break
+    except KeyboardInterrupt:
+        summary = stats.summary(reader.dropped if reader else 0)
+        print(f"edgetl-runtime: interrupted; {json.dumps(summary)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if writer is not None:
+            writer.release()
+    summary = stats.summary(reader.dropped if reader else 0)
+    print(f"edgetl-runtime: {json.dumps(summary)}", file=sys.stderr)
+    if stats.frames == 0:
+        raise RuntimeFailure(f"no frame could be classified ({stats.skipped} skipped)")
+    return EXIT_OK
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Median and p90 of invoke and of the whole frame (preprocess + invoke + postprocess)."""
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [1, 2, 4]
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)  # a VGA camera frame
+    rows = []
+    for count in threads:
+        classifier = load_classifier(args.model, count, args.labels, False, args.crop_fraction, args.pixel_range)
+        for _ in range(5):
+            classifier.classify(frame, 5)
+        invoke, whole = [], []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            _, timings = classifier.classify(frame, 5)
+            whole.append((time.perf_counter() - start) * 1e3)
+            invoke.append(timings["invoke_ms"])
+        rows.append({
+            "threads": count,
+            "invoke_ms_median": float(np.median(invoke)), "invoke_ms_p90": float(np.percentile(invoke, 90)),
+            "frame_ms_median": float(np.median(whole)), "frame_ms_p90": float(np.percentile(whole, 90)),
+            "overhead_fraction": float((np.median(whole) - np.median(invoke)) / np.median(invoke)),
+        })  # fmt: skip
+    result = {"model": args.model, "runs": args.runs, "frame": "640x480 RGB", "results": rows}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'threads':>7} {'invoke median':>14} {'p90':>8} {'frame median':>13} {'p90':>8} {'pre+post':>9}")
+        for r in rows:
+            overhead = 100 * r["overhead_fraction"]
+            print(f"{r['threads']:>7} {r['invoke_ms_median']:>11.2f} ms {r['invoke_ms_p90']:>5.2f} ms "
+                  f"{r['frame_ms_median']:>10.2f} ms {r['frame_ms_p90']:>5.2f} ms {overhead:>8.1f}%")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgetl-runtime", description="Classify with an edgetl bundle or a .tflite model."
+    )
+    p.add_argument("model", help="bundle folder, or a .tflite/.onnx file with --labels")
+    p.add_argument("sources", nargs="*", help="image files or folders")
+    p.add_argument("--camera", type=int, default=None, help="camera index (V4L2 on a Pi)")
+    p.add_argument("--picamera2", action="store_true", help="read the camera with Picamera2")
+    p.add_argument("--video", default=None, help="video file")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many camera frames")
+    p.add_argument("--labels", default=None, help="labels file for a plain model")
+    p.add_argument("--background", action="store_true", help="index 0 is a background class: never report it")
+    p.add_argument("--crop-fraction", type=float, default=1.0, help="plain models: centre-crop fraction [1.0]")
+    p.add_argument("--pixel-range", default="0,255", help="plain float models: input range, e.g. -1,1 [0,255]")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--threads", default=None, help="interpreter threads; bench: a list like 1,2,4")
+    p.add_argument("--runs", type=int, default=50, help="bench: timed runs per thread count")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout (bench: one object)")
+    p.add_argument("--show", action="store_true", help="show an annotated window (q quits)")
+    p.add_argument("--save", default=None, help="write the annotated frames to this video file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_bench = bool(argv) and argv[0] == "bench"
+    args = parser().parse_intermixed_args(argv[1:] if is_bench else argv)
+    try:
+        if is_bench:
+            return bench(args)
+        if args.threads is not None:
+            args.threads = int(args.threads)
+        return run(args)
+    except (RuntimeFailure, SourceError) as exc:
+        print(f"edgetl-runtime: error: {exc}", file=sys.stderr)
+        return getattr(exc, "code", EXIT_ERROR)
+    except ValueError as exc:  # e.g. a model file the interpreter cannot read
+        print(f"edgetl-runtime: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("edgetl-runtime: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,192 @@
+"""The device runtime: sources, the latest-frame camera reader, video, errors, bench, third-party models."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED
+
+from edgetl.runtime import app
+from edgetl.runtime.sources import LatestFrameReader, SourceError
+
+CORAL = SHARED / "models" / "coral_mobilenet_v2"
+
+
+def run_app(capsys, *argv: str) -> tuple[int, list[dict], str]:
+    code = app.main(list(argv))
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    return code, rows, captured.err
+
+
+# ----------------------------------------------------------------------------- camera reader
+
+
+def test_latest_frame_reader_drops_stale_frames_instead_of_falling_behind():
+    produced = {"n": 0}
+
+    def read():
+        time.sleep(0.002)
+        produced["n"] += 1
+        return True, np.full((4, 4, 3), produced["n"] % 256, np.uint8)
+
+    reader = LatestFrameReader(read, "fake")
+    try:
+        first = reader.latest()
+        time.sleep(0.1)  # a slow model: the camera keeps going meanwhile
+        second = reader.latest()
+    finally:
+        reader.stop()
+    assert int(second[0, 0, 0]) > int(first[0, 0, 0]) + 5  # the newest frame, not the next queued one
+    assert reader.dropped >= 5
+
+
+def test_camera_that_stops_delivering_is_a_clear_error():
+    frames = iter([True, True])
+
+    def read():
+        return (next(frames, False), np.zeros((4, 4, 3), np.uint8))
+
+    reader = LatestFrameReader(read, "usb0", failure_timeout=0.2)
+    try:
+        reader.latest()
+        with pytest.raises(SourceError, match="unplugged"):
+            for _ in range(3):
+                reader.latest(timeout=2)
+    finally:
+        reader.stop()
+    assert not any(t.name == "capture-usb0" and t.is_alive() for t in threading.enumerate())
+
+
+def test_missing_camera_and_video_are_one_line_errors(bundle_dir, capsys):
+    code, _, err = run_app(capsys, str(bundle_dir), "--camera", "57")
+    assert code == 1 and "no camera at index 57" in err
+    code, _, err = run_app(capsys, str(bundle_dir), "--video", "/no/such.mp4")
+    assert code == 1 and "does not exist" in err
+    code, _, err = run_app(capsys, str(bundle_dir))
+    assert code == 2 and "nothing to classify" in err
+
+
+# ----------------------------------------------------------------------------- with a bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(exported_run, tmp_path_factory):
+    from edgetl.package import package
+    from edgetl.targets import load_target
+
+    _, run_dir = exported_run
+    base = tmp_path_factory.mktemp("runtime")
+    text = open(load_target("rpi4-cpu").source).read().replace("size = 224", "size = 64")
+    text = text.replace("max_drop = 1.0", "max_drop = 10.0").replace("min_agreement = 0.98", "min_agreement = 0.85")
+    (base / "t.toml").write_text(text)
+    return package(run_dir, load_target(str(base / "t.toml")), base / "out").bundle_dir
+
+
+@pytest.fixture(scope="module")
+def video(exported_run, tmp_path_factory):
+    import cv2
+
+    from edgetl.artifacts import read_manifest
+
+    root = read_manifest(exported_run[1])["stages"]["finetune"]["data"]["root"]
+    images = sorted(Path(root, "test").rglob("*.png"))[:12]
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (96, 72))
+    for image in images:
+        writer.write(cv2.resize(cv2.imread(str(image)), (96, 72)))
+    writer.release()
+    return path
+
+
+def test_video_every_frame_classified_and_annotated_output_saved(bundle_dir, video, tmp_path, capsys):
+    import cv2
+
+    out = tmp_path / "annotated.mp4"
+    code, rows, err = run_app(capsys, str(bundle_dir), "--video", str(video), "--json", "--save", str(out))
+    assert code == 0, err
+    assert len(rows) == 12 and rows[0]["source"] == "clip.mp4:0"
+    assert all(r["latency_ms"] > 0 and r["fps"] > 0 and len(r["top"]) == 3 for r in rows)
+    capture = cv2.VideoCapture(str(out))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    summary = json.loads(err.strip().splitlines()[-1].split(": ", 1)[1])
+    assert summary["frames"] == 12 and summary["skipped"] == 0
+
+
+def test_unreadable_images_are_skipped_and_counted(bundle_dir, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (80, 60), (200, 10, 10)).save(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    code, rows, err = run_app(capsys, str(bundle_dir), str(tmp_path), "--json")
+    assert code == 0 and len(rows) == 1
+    assert "skipping" in err and '"skipped": 1' in err
+    (tmp_path / "good.png").unlink()
+    code, rows, err = run_app(capsys, str(bundle_dir), str(tmp_path))
+    assert code == 1 and "no frame could be classified" in err
+
+
+def test_ctrl_c_ends_with_a_summary(bundle_dir, video, capsys, monkeypatch):
+    real = app.Classifier.classify
+    calls = {"n": 0}
+
+    def interrupt_third(self, rgb, top_k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, rgb, top_k)
+
+    monkeypatch.setattr(app.Classifier, "classify", interrupt_third)
+    code, rows, err = run_app(capsys, str(bundle_dir), "--video", str(video), "--json")
+    assert code == 130 and len(rows) == 2
+    assert "interrupted" in err and '"frames": 2' in err
+
+
+def test_runtime_agrees_with_the_parity_check(bundle_dir, exported_run, capsys):
+    """The device path (OpenCV decode, shared preprocessing, LiteRT) reproduces edgetl check's int8 top-1."""
+    from edgetl.artifacts import read_manifest
+    from edgetl.data import discover
+
+    _, run_dir = exported_run
+    stage = read_manifest(run_dir)["stages"]["finetune"]
+    val = discover(stage["data"]["root"], stage["config"]["val_fraction"], stage["config"]["seed"]).val
+    code, rows, _ = run_app(capsys, str(bundle_dir), *[str(s.path) for s in val], "--json", "--top-k", "1")
+    assert code == 0 and len(rows) == len(val)
+    labels = stage["labels"]
+    correct = np.mean([r["top"][0]["label"] == labels[s.label] for r, s in zip(rows, val, strict=True)])
+    parity = json.loads((run_dir / "parity.json").read_text())["artifacts"]["model_int8.tflite"]
+    assert correct == pytest.approx(parity["top1"])
+
+
+def test_bench_reports_invoke_and_frame_latency_per_thread_count(bundle_dir, capsys):
+    code = app.main(["bench", str(bundle_dir), "--threads", "1,2", "--runs", "5", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["threads"] for r in result["results"]] == [1, 2]
+    for row in result["results"]:
+        assert 0 < row["invoke_ms_median"] <= row["frame_ms_median"]
+        assert row["invoke_ms_p90"] >= row["invoke_ms_median"]
+
+
+# ----------------------------------------------------------------------------- third-party model
+
+
+@pytest.mark.skipif(not CORAL.is_dir(), reason=f"needs the Coral reference model in {CORAL}")
+def test_third_party_coral_model_labels_the_parrot_a_macaw(capsys):
+    model = str(CORAL / "mobilenet_v2_1.0_224_quant.tflite")
+    code, rows, err = run_app(capsys, model, "--labels", str(CORAL / "imagenet_labels.txt"),
+                              str(CORAL / "parrot.jpg"), "--background", "--json")  # fmt: skip
+    assert code == 0, err
+    assert rows[0]["top"][0]["label"] == "macaw" and rows[0]["top"][0]["score"] > 0.9
+    assert all(t["label"] != "background" for t in rows[0]["top"])
+
+
+def test_plain_model_without_labels_is_a_usage_error(tmp_path, capsys):
+    fake = tmp_path / "model.tflite"
+    fake.write_bytes(b"\0" * 16)
+    code, _, err = run_app(capsys, str(fake), "x.jpg")
+    assert code == 2 and "--labels" in err
