@@ -190,3 +190,34 @@ def test_plain_model_without_labels_is_a_usage_error(tmp_path, capsys):
     fake.write_bytes(b"\0" * 16)
     code, _, err = run_app(capsys, str(fake), "x.jpg")
     assert code == 2 and "--labels" in err
+
+
+@pytest.mark.slow
+def test_a_fresh_device_venv_with_only_the_bundle_requirements_runs_it(bundle_dir, video, exported_run, tmp_path):
+    """What a Pi does: a new virtualenv, `pip install -r requirements-device.txt`, nothing else."""
+    import os
+    import subprocess
+    import sys
+
+    from edgetl.artifacts import read_manifest
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGETL_NETGUARD_LOG")}
+    pip = subprocess.run([python, "-m", "pip", "install", "-qq", "--disable-pip-version-check", "-r",
+                          str(bundle_dir / "requirements-device.txt")],
+                         capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install the device requirements from the package index here: {pip.stderr[-300:]}")
+    installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                               env=env).stdout.lower()  # fmt: skip
+    assert "torch" not in installed and "tensorflow" not in installed and "edgetl" not in installed
+    root = read_manifest(exported_run[1])["stages"]["finetune"]["data"]["root"]
+    for source in ([f"{root}/test/circle", f"{root}/test/square"], ["--video", str(video)]):
+        proc = subprocess.run([python, "-m", "edgetl_runtime", ".", *source, "--json"], cwd=bundle_dir,
+                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-1000:]
+        rows = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert len(rows) == (20 if source[0] != "--video" else 12)
+        assert all(len(r["top"]) == 3 for r in rows)
