@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from pathlib import Path
 
@@ -40,22 +39,11 @@ def _one_thread_and_no_network():
         torch.set_num_threads(1)
     except ImportError:
         pass
-    original = socket.socket.connect
+    import runpy
 
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else None
-        if host is not None:
-            try:
-                local = ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                local = host == "localhost"
-            if not local:
-                raise OSError(f"network access blocked in tests: {address}")
-        return original(self, address)
-
-    socket.socket.connect = guarded
+    guard = runpy.run_path(str(Path(__file__).parent / "netguard" / "sitecustomize.py"))  # installs itself
     yield
-    socket.socket.connect = original
+    socket.socket.connect = guard["_connect"]
 
 
 @pytest.fixture(autouse=True)

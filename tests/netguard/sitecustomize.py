@@ -1,6 +1,7 @@
-"""Loaded by every Python child process of the tests (via PYTHONPATH): refuses network connections
-to anything but loopback and logs each attempt to $EDGETL_NETGUARD_LOG, so tests can prove that an
-export (onnx2tf, TensorFlow, torch) never reached the network."""
+"""Loaded by every Python child process of the tests (via PYTHONPATH), and by conftest for the test
+process itself: refuses network connections to anything but loopback and logs each attempt to
+$EDGETL_NETGUARD_LOG, so tests can prove that an export (onnx2tf, TensorFlow, torch) never reached
+the network."""
 
 import ipaddress
 import os
