@@ -63,7 +63,6 @@ def diagnose_and_remedy(
     data: str | os.PathLike | None,
 ) -> tuple[ParityReport, list[dict[str, Any]]]:
     """Diagnose the failing int8 model and try the remedies; return the final report and attempts."""
-    from edgetl.calib import calibration_set, load_recipe
     from edgetl.export import _run_converter
     from edgetl.train import load_checkpoint
 
@@ -98,33 +97,51 @@ def diagnose_and_remedy(
 
     # Remedy 1: a bigger calibration set from the training split.
     if splits is not None and cfg.calib_dir is None:
-        recipe = load_recipe(cfg.calib)
-        bigger = replace(recipe, per_class=recipe.per_class * 4, max_images=recipe.max_images * 4,
-                         name=f"{recipe.name}x4")  # fmt: skip
-        guard = list(val.paths) + [str(s.path) for s in splits.test]
-        calibration = calibration_set(splits, spec, bigger, None, guard_paths=guard)
-        np.save(workdir / "calibration_more.npy", calibration.images)
-        _run_converter({"onnx": None, "workdir": str(workdir), "int8": True,
-                        "calibration": str(workdir / "calibration_more.npy"),
-                        "output": "candidate_int8.tflite"}, log_path)  # fmt: skip
-        metrics = evaluate(workdir / "candidate_int8.tflite")
-        attempts.append(summary("more calibration images", metrics, images=len(calibration.paths),
-                                calibration_sha256=calibration.sha256))  # fmt: skip
-        if metrics["passed"]:
-            os.replace(workdir / "candidate_int8.tflite", run_dir / "model_int8.tflite")
-            _record(run_dir, "model_int8.tflite", calibration.description)
+        try:
+            passed = _more_calibration(run_dir, workdir, cfg, splits, spec, val, evaluate, summary, attempts)
+        except Exception as exc:  # a remedy that breaks is reported, never hides the parity failure
+            attempts.append({"remedy": "more calibration images", "passed": False, "error": str(exc)[:300]})
+            passed = False
+        if passed:
             return check(run_dir, cfg.thresholds, data), attempts
 
     # Remedy 2: 16-bit activations (a different artifact, never called int8).
-    _run_converter({"onnx": None, "workdir": str(workdir), "int16x8": True,
-                    "calibration": str(workdir / "calibration.npy")}, log_path)  # fmt: skip
-    metrics = evaluate(workdir / "model_int16x8.tflite")
-    attempts.append(summary("16-bit activations (model_int16x8.tflite)", metrics))
-    if metrics["passed"]:
-        shutil.move(workdir / "model_int16x8.tflite", run_dir / "model_int16x8.tflite")
-        _record(run_dir, "model_int16x8.tflite", None)
+    try:
+        _run_converter({"onnx": None, "workdir": str(workdir), "int16x8": True,
+                        "calibration": str(workdir / "calibration.npy")}, log_path)  # fmt: skip
+        metrics = evaluate(workdir / "model_int16x8.tflite")
+        attempts.append(summary("16-bit activations (model_int16x8.tflite)", metrics))
+        if metrics["passed"]:
+            shutil.move(workdir / "model_int16x8.tflite", run_dir / "model_int16x8.tflite")
+            _record(run_dir, "model_int16x8.tflite", None)
+    except Exception as exc:
+        attempts.append({"remedy": "16-bit activations (model_int16x8.tflite)", "passed": False,
+                         "error": str(exc)[:300]})  # fmt: skip
     final = check(run_dir, cfg.thresholds, data)
     return final, attempts
+
+
+def _more_calibration(run_dir, workdir, cfg, splits, spec, val, evaluate, summary, attempts) -> bool:
+    """Re-quantise with four times the recipe's images; keep the result if it passes."""
+    from edgetl.calib import calibration_set, load_recipe
+    from edgetl.export import _run_converter
+
+    recipe = load_recipe(cfg.calib)
+    bigger = replace(recipe, per_class=recipe.per_class * 4, max_images=recipe.max_images * 4,
+                     name=f"{recipe.name}x4")  # fmt: skip
+    guard = list(val.paths) + [str(s.path) for s in splits.test]
+    calibration = calibration_set(splits, spec, bigger, None, guard_paths=guard)
+    np.save(workdir / "calibration_more.npy", calibration.images)
+    _run_converter({"onnx": None, "workdir": str(workdir), "int8": True,
+                    "calibration": str(workdir / "calibration_more.npy"),
+                    "output": "candidate_int8.tflite"}, run_dir / "export.log")  # fmt: skip
+    metrics = evaluate(workdir / "candidate_int8.tflite")
+    attempts.append(summary("more calibration images", metrics, images=len(calibration.paths),
+                            calibration_sha256=calibration.sha256))  # fmt: skip
+    if metrics["passed"]:
+        os.replace(workdir / "candidate_int8.tflite", run_dir / "model_int8.tflite")
+        _record(run_dir, "model_int8.tflite", calibration.description)
+    return bool(metrics["passed"])
 
 
 def _record(run_dir: Path, name: str, calibration: dict[str, Any] | None) -> None:

@@ -134,9 +134,13 @@ class TFLiteClassifier:
             return batch
         if dtype == "int8":
             return (batch.astype(np.int16) - 128).astype(np.int8)
+        low, high = self.pixel_range
+        real = batch.astype(np.float32) * ((high - low) / 255.0) + low
         if dtype == "float32":
-            low, high = self.pixel_range
-            return (batch.astype(np.float32) * ((high - low) / 255.0) + low).astype(np.float32)
+            return real
+        if dtype == "int16" and self.input.scale > 0:  # 16-bit activations: quantise the real range
+            quantised = np.round(real / self.input.scale) + self.input.zero_point
+            return np.clip(quantised, -32768, 32767).astype(np.int16)
         raise ValueError(f"{self.path}: unsupported input dtype {dtype}")
 
     def invoke(self, tensor: np.ndarray) -> np.ndarray:
