@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--run", default="/work/bench-runs/sign_language_cpu_imagenet")
     parser.add_argument("--runs", type=int, default=50, help="timed invokes per model and thread count")
     parser.add_argument("--tag", default="sign_language_cpu")
+    parser.add_argument("--keep", default=None, help="keep the exported copy of the run in this folder")
     args = parser.parse_args()
     run = Path(args.run)
     if not (run / "model.pt").is_file():
@@ -44,8 +45,10 @@ def main() -> int:
     from edgetl.runtime.model import TFLiteClassifier
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp) / "run"
-        shutil.copytree(run, work, ignore=shutil.ignore_patterns("checkpoints", "model*.tflite", "model.onnx"))
+        work = Path(args.keep) if args.keep else Path(tmp) / "run"
+        shutil.rmtree(work, ignore_errors=True)
+        skip = shutil.ignore_patterns("checkpoints", ".export-work", "bundles", "model*.tflite", "model.onnx")
+        shutil.copytree(run, work, ignore=skip)
         t0 = time.perf_counter()
         result = export(work, ExportConfig())
         wall = time.perf_counter() - t0
@@ -53,6 +56,7 @@ def main() -> int:
         parity = {n: {k: a[k] for k in ("top1", "delta_top1_pp", "agreement", "cosine_mean", "sqnr_db", "passed")}
                   for n, a in result.parity.artifacts.items()}  # fmt: skip
         count = result.parity.data["count"]
+        remedies = result.remedies
 
         rng = np.random.default_rng(0)
         latency = {}
@@ -100,8 +104,19 @@ def main() -> int:
               "| model @ threads | median ms | p90 ms |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} |" for k, v in latency.items()]
     lines += ["", *[f"- {k}: {v:.3f}" for k, v in ratio.items()]]
+    if remedies:
+        lines += ["", "int8 failed parity; diagnosis and remedies (each re-checked on the same images):"]
+        for r in remedies:
+            if r["remedy"] == "diagnosis":
+                worst = ", ".join(f"{w['op']} {w['rmse_over_scale']:.2f}" for w in r.get("worst_layers", []))
+                lines.append(f"- diagnosis (RMSE/scale of the worst layers): {worst or r.get('error')}")
+            else:
+                result_text = r.get("error") or (f"top-1 {100 * r['top1']:.2f}%, Δ {r['delta_top1_pp']:+.2f} pp, "
+                                                 f"agreement {100 * r['agreement']:.2f}%")  # fmt: skip
+                lines.append(f"- {r['remedy']}: {result_text} — {'pass' if r.get('passed') else 'fail'}")
     payload = {"machine": info, "run": str(run), "timings": t, "wall_s": wall, "sizes": sizes,
-               "parity": parity, "parity_images": count, "latency": latency, "ratios": ratio}  # fmt: skip
+               "parity": parity, "parity_images": count, "latency": latency, "ratios": ratio,
+               "remedies": remedies}  # fmt: skip
     path = write_result(f"export_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {path}")
