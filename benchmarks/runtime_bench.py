@@ -84,7 +84,8 @@ def main() -> int:
                          f"{r['frame_ms_median']:.2f} | {r['frame_ms_p90']:.2f} | {overhead:.1f}% |")  # fmt: skip
     lines += ["", f"Host (Pillow) vs device (OpenCV) path on {agreement['images']} validation images: "
                   f"top-1 agreement {100 * agreement['top1_agreement']:.2f}%, device top-1 "
-                  f"{100 * agreement['device_top1']:.2f}%, host top-1 {100 * agreement['host_top1']:.2f}%."]  # fmt: skip
+                  f"{100 * agreement['device_top1']:.2f}%, "
+                  f"host top-1 {100 * agreement['host_top1']:.2f}%."]  # fmt: skip
     payload = {"machine": info, "latency": results, "agreement": agreement}
     path = write_result(f"runtime_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
