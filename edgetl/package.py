@@ -231,6 +231,7 @@ def _write_dir(bundle_dir: Path, contents: dict[str, bytes]) -> None:
     """Write the folder beside its final place, then swap it in (never half a bundle)."""
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle folder is for everyone to read
     try:
         for rel, data in contents.items():
             path = tmp / rel

@@ -221,3 +221,41 @@ def test_a_fresh_device_venv_with_only_the_bundle_requirements_runs_it(bundle_di
         rows = [json.loads(line) for line in proc.stdout.splitlines()]
         assert len(rows) == (20 if source[0] != "--video" else 12)
         assert all(len(r["top"]) == 3 for r in rows)
+
+
+class FakeCapture:
+    """Stands in for cv2.VideoCapture of a USB camera (no camera exists on the test machine)."""
+
+    def __init__(self, index):
+        self.index, self.count = index, 0
+
+    def isOpened(self):  # noqa: N802 - OpenCV's name
+        return self.index == 0
+
+    def set(self, prop, value):
+        return True
+
+    def read(self):
+        time.sleep(0.005)
+        self.count += 1
+        return True, np.full((48, 64, 3), (self.count * 7) % 256, np.uint8)
+
+    def release(self):
+        pass
+
+
+def test_live_camera_path_with_overlay_window(bundle_dir, capsys, monkeypatch):
+    import cv2
+
+    shown = []
+    monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
+    monkeypatch.setattr(cv2, "imshow", lambda name, image: shown.append(image.shape))
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: -1)
+    code, rows, err = run_app(capsys, str(bundle_dir), "--camera", "0", "--max-frames", "4", "--show", "--json")
+    assert code == 0, err
+    assert [r["source"] for r in rows] == [f"camera0:{i}" for i in range(4)]
+    assert shown == [(48, 64, 3)] * 4  # the annotated frame, at camera resolution
+    summary = json.loads(err.strip().splitlines()[-1].split(": ", 1)[1])
+    assert summary["frames"] == 4 and "dropped_camera_frames" in summary
+    code, _, err = run_app(capsys, str(bundle_dir), "--camera", "1")
+    assert code == 1 and "no camera at index 1" in err
