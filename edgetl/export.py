@@ -172,7 +172,7 @@ def export(
         calibration = calibration_set(splits, spec, recipe, cfg.calib_dir, guard_paths=guard)
         log.info("calibration: %d images (sha256 %s…)", len(calibration.paths), calibration.sha256[:12])
 
-    workdir = run_dir / WORKDIR
+    workdir = (run_dir / WORKDIR).resolve()  # absolute: the converter runs with its own cwd
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     log_path = run_dir / "export.log"

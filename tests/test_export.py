@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,11 +109,13 @@ def test_check_command_json_and_exit_code(exported_run, tmp_path):
     assert read_manifest(run_dir)["stages"]["check"]["passed"] is (expected == 0)
 
 
-def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run, tmp_path, netguard_log):
+def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run, tmp_path, netguard_log, monkeypatch):
     """Calibrating on black images makes a useless int8 model: the gate must catch it."""
     from PIL import Image
 
-    run_dir = copy_run(learned_run[1], tmp_path / "run")
+    copy_run(learned_run[1], tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("run")  # a relative run directory, as users type it
     blank = tmp_path / "blank"
     blank.mkdir()
     for i in range(8):
