@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.config import FinetuneConfig
-from edgetl.errors import WeightsError
+from edgetl.errors import EdgetlError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,13 @@ def _classify_with_bundle(bundle_dir: Path, data_dir: Path, per_class: int = 1) 
     import sys
 
     test_root = data_dir / "test" if (data_dir / "test").is_dir() else data_dir
-    images = [sorted(d.glob("*"))[0] for d in sorted(test_root.iterdir()) if d.is_dir()][: 5 * per_class]
+    images = [sorted(d.glob("*"))[0].resolve() for d in sorted(test_root.iterdir()) if d.is_dir()][: 5 * per_class]
     proc = subprocess.run(
         [sys.executable, "-m", "edgetl_runtime", ".", *map(str, images), "--json", "--top-k", "1"],
         cwd=bundle_dir, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
-        raise RuntimeError(f"the bundle's runtime failed: {proc.stderr.strip()[-300:]}")
+        raise EdgetlError(f"the bundle's runtime failed: {proc.stderr.strip().splitlines()[-1][:300]}")
     out = []
     for line in proc.stdout.splitlines():
         row = json.loads(line)

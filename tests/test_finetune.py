@@ -196,3 +196,25 @@ def test_demo_says_loudly_when_it_trains_from_scratch(tmp_path, monkeypatch):
     assert (tmp_path / "demo" / "run" / "model.pt").is_file()
     assert payload["finetune"]["test_acc"] is not None
     assert "export skipped (--no-export)" in payload["notes"]
+
+
+def test_demo_end_to_end_with_a_relative_output_folder(tmp_path, monkeypatch, netguard_log):
+    """finetune -> export -> check -> package -> the bundle's own runtime, as `make demo` runs it."""
+    pytest.importorskip("onnx2tf", reason="needs the export extra")
+    from edgetl import demo
+    from edgetl.targets import load_target
+
+    target = tmp_path / "toy32.toml"
+    text = open(load_target("rpi4-cpu-96").source).read().replace("size = 96", "size = 32")
+    text = text.replace("max_drop = 1.0", "max_drop = 100.0")  # a random-init toy model: the gate is not
+    target.write_text(text.replace("min_agreement = 0.98", "min_agreement = 0"))  # what this test is about
+    monkeypatch.setattr(demo, "DEMO_TARGET", str(target))
+    monkeypatch.setattr(demo, "DEMO_DATA", {"per_class": 8, "test_per_class": 2, "size": 40})
+    monkeypatch.setattr(demo, "DEMO_CONFIG", {**TOY_CONFIG, "head_epochs": 1, "finetune_epochs": 1})
+    monkeypatch.chdir(tmp_path)
+    result = cli("-q", "demo", "--out", "demo", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["bundle"]["archive"].endswith(".tar.gz")
+    assert len(payload["predictions"]) == 5 and all(p["label"] in payload["finetune"]["classes"]
+                                                    for p in payload["predictions"])  # fmt: skip
