@@ -77,11 +77,10 @@ def parity_verdict(manifest: dict[str, Any], artifact: str, target: Target) -> t
     if check is None or artifact not in check.get("artifacts", {}):
         return False, {"reason": "not checked"}
     metrics = dict(check["artifacts"][artifact])
-    passed = (
-        metrics["passed"]
-        and metrics["delta_top1_pp"] >= -target.parity.max_drop
-        and metrics["agreement"] >= target.parity.min_agreement
-    )
+    from edgetl.parity import Thresholds
+
+    thresholds = Thresholds(max_drop=target.parity.max_drop, min_agreement=target.parity.min_agreement)
+    passed = metrics["passed"] and thresholds.passes(metrics)
     metrics.update(
         passed_for_target=bool(passed),
         target_thresholds={"max_drop": target.parity.max_drop, "min_agreement": target.parity.min_agreement},

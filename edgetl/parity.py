@@ -40,6 +40,10 @@ class Thresholds:
     def to_dict(self) -> dict[str, float]:
         return {"max_drop": self.max_drop, "min_agreement": self.min_agreement}
 
+    def passes(self, metrics: dict[str, Any]) -> bool:
+        """Whether an artifact's metrics (from :func:`compare`) meet these thresholds."""
+        return bool(metrics["delta_top1_pp"] >= -self.max_drop and metrics["agreement"] >= self.min_agreement)
+
 
 def compare(
     reference: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: list[str]
@@ -220,10 +224,7 @@ def check(
         metrics.update(
             format=fmt,
             precision=precision,
-            passed=bool(
-                metrics["delta_top1_pp"] >= -thresholds.max_drop
-                and metrics["agreement"] >= thresholds.min_agreement
-            ),
+            passed=thresholds.passes(metrics),
         )
         results[name] = metrics
     report = ParityReport(

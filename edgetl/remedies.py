@@ -75,10 +75,7 @@ def diagnose_and_remedy(
 
     def evaluate(path: Path) -> dict[str, Any]:
         metrics = compare(reference, runner_for(path)(val.images), labels, classes)
-        metrics["passed"] = bool(
-            metrics["delta_top1_pp"] >= -cfg.thresholds.max_drop
-            and metrics["agreement"] >= cfg.thresholds.min_agreement
-        )
+        metrics["passed"] = cfg.thresholds.passes(metrics)
         return metrics
 
     def summary(name: str, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
