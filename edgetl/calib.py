@@ -43,6 +43,7 @@ class CalibRecipe:
     max_images: int = 320  # overall cap
     seed: int = 0
     preprocessing: str = "eval"  # calibration always sees the device's preprocessing
+    bias_correction: bool = True  # subtract each layer's expected weight-rounding error from its bias
     name: str = "default"  # the recipe's name (file stem); not a key in the file
 
     def __post_init__(self) -> None:
@@ -82,8 +83,8 @@ def load_recipe(name_or_path: str) -> CalibRecipe:
     valid = {f.name for f in fields(CalibRecipe)} - {"name"}
     check_keys(values, valid, f"calibration recipe {path}")
     for key, value in values.items():
-        expected = str if key in ("source", "preprocessing") else int
-        if not isinstance(value, expected) or isinstance(value, bool):
+        expected = {"source": str, "preprocessing": str, "bias_correction": bool}.get(key, int)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: {key} must be a {expected.__name__}, got {value!r}")
     return CalibRecipe(**values, name=path.stem)
 

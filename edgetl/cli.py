@@ -125,16 +125,25 @@ def _finetune_summary(result: Any) -> str:
 @click.option("--val-fraction", type=float, default=None, help="Held out when there is no val/ [0.2].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA only) [off].")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes (DDP via torchrun): one per GPU, or CPU processes.")
 @click.option("--target", default=None, help="Take input size (and width) from this target.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json: bool, **options: Any) -> None:
+def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json: bool, nproc: int,
+             **options: Any) -> None:  # fmt: skip
     """Fine-tune MobileNetV2 on an image folder (freeze, then unfreeze).
 
     DATA is DATA/<class>/images or DATA/train/<class>/ + DATA/val/<class>/; DATA/test/ is only
-    used for a final, separate evaluation.
+    used for a final, separate evaluation. With --nproc N, N processes train data-parallel
+    (equivalently: torchrun --nproc-per-node N -m edgetl finetune ...).
     """
     require("torch", "train")
     require("torchvision", "train")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from edgetl.distributed import launch
+
+        sys.exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     from edgetl.config import FinetuneConfig
     from edgetl.train import finetune as run_finetune
 
@@ -149,7 +158,22 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
     # Precedence, highest on the right: defaults < target file < flags.
     cfg = FinetuneConfig.build(from_target, options) if not resume else None
     result = run_finetune(data, run_dir, cfg or FinetuneConfig(), resume=resume, overrides=options)
+    if result is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return
     _emit(as_json, result.to_dict(), _finetune_summary(result))
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``NAME VALUE`` / ``NAME=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
 
 
 @main.command()
@@ -194,10 +218,12 @@ def _parity_lines(report: Any) -> list[str]:
 @click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points [1.0].")
 @click.option("--min-agreement", type=float, default=None, help="Required top-1 agreement [0.98].")
 @click.option("--no-remedies", is_flag=True, help="Do not diagnose or try remedies when int8 fails.")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="Correct each int8 layer's weight-rounding shift [the recipe's setting: on].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def export(run_dir: str, int8: bool | None, target: str | None, calib: str | None, calib_dir: str | None,
            data: str | None, max_drop: float | None, min_agreement: float | None, no_remedies: bool,
-           as_json: bool) -> None:
+           bias_correction: bool | None, as_json: bool) -> None:
     """Export RUN_DIR to ONNX and TFLite (float32, int8), verify, and check parity.
 
     Exits 3 when an artifact fails parity; failing artifacts are marked so that packaging refuses them.
@@ -216,7 +242,8 @@ def export(run_dir: str, int8: bool | None, target: str | None, calib: str | Non
         max_drop = spec.parity.max_drop if max_drop is None else max_drop
         min_agreement = spec.parity.min_agreement if min_agreement is None else min_agreement
     cfg = ExportConfig(int8=True if int8 is None else int8, calib=calib or "default", calib_dir=calib_dir,
-                       remedies=not no_remedies, thresholds=_thresholds(max_drop, min_agreement))  # fmt: skip
+                       remedies=not no_remedies, thresholds=_thresholds(max_drop, min_agreement),
+                       bias_correction=bias_correction)  # fmt: skip
     result = run_export(run_dir, cfg, data)
     sizes = [f"  {name:<22} {a['bytes'] / 1e6:6.2f} MB  {a['precision']}" for name, a in result.artifacts.items()]
     text = [f"exported {run_dir}:", *sizes, "parity (vs float PyTorch):", *_parity_lines(result.parity)]

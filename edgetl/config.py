@@ -58,6 +58,7 @@ class FinetuneConfig:
     # Execution
     device: str = "auto"  # "auto", "cpu" or "cuda"
     decode_workers: int | None = None  # threads decoding images; None = one per CPU
+    compile: bool = False  # torch.compile the model (CUDA only; slower first epoch, faster after)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

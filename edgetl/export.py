@@ -54,6 +54,7 @@ class ExportConfig:
     float_tolerance: float = 1e-4  # max abs logit difference of float exports vs PyTorch
     verify_images: int = 64  # validation images used for that float check
     remedies: bool = True  # when int8 fails parity: diagnose and try remedies
+    bias_correction: bool | None = None  # None: the recipe decides (on by default)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -113,7 +114,7 @@ def _max_abs_diff(reference: np.ndarray, path: Path, images: np.ndarray) -> floa
     return float(np.abs(runner_for(path)(images) - reference).max())
 
 
-def _run_converter(job: dict[str, Any], log_path: Path) -> dict[str, float]:
+def _run_converter(job: dict[str, Any], log_path: Path) -> dict[str, Any]:
     """Run :mod:`edgetl.tflite_convert` in a child process; its output is appended to ``log_path``."""
     job_path = Path(job["workdir"]) / "job.json"
     job_path.write_text(json.dumps(job))
@@ -132,6 +133,15 @@ def _run_converter(job: dict[str, Any], log_path: Path) -> dict[str, float]:
         )
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
     return json.loads(last)
+
+
+def bias_correction_wanted(cfg: ExportConfig) -> bool:
+    """An explicit setting wins; then the recipe; a user's --calib-dir gets the default (on)."""
+    from edgetl.calib import CalibRecipe, load_recipe
+
+    if cfg.bias_correction is not None:
+        return cfg.bias_correction
+    return (load_recipe(cfg.calib) if cfg.calib_dir is None else CalibRecipe()).bias_correction
 
 
 def export(
@@ -186,12 +196,15 @@ def export(
         if onnx_diff > cfg.float_tolerance:
             raise ExportError(f"ONNX logits differ from PyTorch by {onnx_diff:.2e} > {cfg.float_tolerance}")
 
-        job = {"onnx": str(workdir / "model.onnx"), "workdir": str(workdir), "int8": cfg.int8}
+        job = {"onnx": str(workdir / "model.onnx"), "workdir": str(workdir), "int8": cfg.int8,
+               "bias_correction": cfg.int8 and bias_correction_wanted(cfg)}  # fmt: skip
         if calibration is not None:
             np.save(workdir / "calibration.npy", calibration.images)
             job["calibration"] = str(workdir / "calibration.npy")
         log.info("converting to TFLite (onnx2tf%s)…", " + int8" if cfg.int8 else "")
-        timings.update(_run_converter(job, log_path))
+        converted = _run_converter(job, log_path)
+        timings.update(converted["timings"])
+        bias_correction = converted["bias_correction"].get("int8")
         tflite_diff = _max_abs_diff(reference, workdir / "model_float32.tflite", verify)
         if tflite_diff > cfg.float_tolerance:
             raise ExportError(
@@ -231,6 +244,7 @@ def export(
     export_info = {
         "artifacts": artifacts,
         "calibration": calibration.description if calibration else None,
+        "bias_correction": bias_correction,
         "onnx_opset": cfg.opset,
         "float_tolerance": cfg.float_tolerance,
         "verified_on_images": int(len(verify)),

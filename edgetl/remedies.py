@@ -63,7 +63,7 @@ def diagnose_and_remedy(
     data: str | os.PathLike | None,
 ) -> tuple[ParityReport, list[dict[str, Any]]]:
     """Diagnose the failing int8 model and try the remedies; return the final report and attempts."""
-    from edgetl.export import _run_converter
+    from edgetl.export import _run_converter, bias_correction_wanted
     from edgetl.train import load_checkpoint
 
     log_path = run_dir / "export.log"
@@ -105,7 +105,9 @@ def diagnose_and_remedy(
     # Remedy 2: 16-bit activations (a different artifact, never called int8).
     try:
         _run_converter({"onnx": None, "workdir": str(workdir), "int16x8": True,
-                        "calibration": str(workdir / "calibration.npy")}, log_path)  # fmt: skip
+                        "calibration": str(workdir / "calibration.npy"),
+                        "bias_correction": bias_correction_wanted(cfg),
+                        "float_model": str(run_dir / "model_float32.tflite")}, log_path)  # fmt: skip
         metrics = evaluate(workdir / "model_int16x8.tflite")
         attempts.append(summary("16-bit activations (model_int16x8.tflite)", metrics))
         if metrics["passed"]:
@@ -121,7 +123,7 @@ def diagnose_and_remedy(
 def _more_calibration(run_dir, workdir, cfg, splits, spec, val, evaluate, summary, attempts) -> bool:
     """Re-quantise with four times the recipe's images; keep the result if it passes."""
     from edgetl.calib import calibration_set, load_recipe
-    from edgetl.export import _run_converter
+    from edgetl.export import _run_converter, bias_correction_wanted
 
     recipe = load_recipe(cfg.calib)
     bigger = replace(recipe, per_class=recipe.per_class * 4, max_images=recipe.max_images * 4,
@@ -131,6 +133,8 @@ def _more_calibration(run_dir, workdir, cfg, splits, spec, val, evaluate, summar
     np.save(workdir / "calibration_more.npy", calibration.images)
     _run_converter({"onnx": None, "workdir": str(workdir), "int8": True,
                     "calibration": str(workdir / "calibration_more.npy"),
+                    "bias_correction": bias_correction_wanted(cfg),
+                    "float_model": str(run_dir / "model_float32.tflite"),
                     "output": "candidate_int8.tflite"}, run_dir / "export.log")  # fmt: skip
     metrics = evaluate(workdir / "candidate_int8.tflite")
     attempts.append(summary("more calibration images", metrics, images=len(calibration.paths),

@@ -6,9 +6,11 @@ process keeps the noise in ``export.log`` and TensorFlow out of the parent. Usag
     python -m edgetl.tflite_convert JOB.json
 
 JOB.json: ``{"onnx": path or null, "workdir": path, "int8": bool, "int16x8": bool,
-"calibration": path-to-.npy, "output": file name, "diagnose": bool}``. Outputs in workdir: ``tf/``
+"calibration": path-to-.npy, "output": file name, "diagnose": bool, "bias_correction": bool,
+"float_model": path of the float32 .tflite (default: workdir's)}``. Outputs in workdir: ``tf/``
 (SavedModel, reused when "onnx" is null), ``model_float32.tflite``, the quantised model(s) and,
-with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line of timings on stdout last.
+with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line on
+stdout last: timings and, per quantised model, the bias correction applied.
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ def quantize(saved_model: Path, calibration: Path, mode: str) -> bytes:
     return converter.convert()
 
 
+def correct_bias(model: bytes, float_model: str, calibration: Path) -> tuple[bytes, dict]:
+    """Bias-correct a quantised model (see :mod:`edgetl.bias_correction`); unchanged if it cannot be."""
+    import numpy as np
+
+    from edgetl.bias_correction import NotCorrectable, correct
+
+    try:
+        return correct(model, float_model, np.load(calibration))
+    except NotCorrectable as exc:
+        print(f"bias correction skipped: {exc}", file=sys.stderr, flush=True)
+        return model, {"skipped": str(exc)}
+
+
 def diagnose(saved_model: Path, calibration: Path, csv_path: Path) -> None:
     """Per-layer float-vs-int8 error with TFLite's QuantizationDebugger, dumped as CSV."""
     import numpy as np
@@ -115,18 +130,23 @@ def main(job_path: str) -> int:
         timings["onnx2tf_s"] = time.perf_counter() - t0
     else:
         saved_model = workdir / "tf"  # a remedy re-quantises the SavedModel of an earlier job
+    corrections = {}
     for mode in ("int8", "int16x8"):
         if job.get(mode):
             t0 = time.perf_counter()
-            (workdir / job.get("output", f"model_{mode}.tflite")).write_bytes(
-                quantize(saved_model, Path(job["calibration"]), mode)
-            )
+            model = quantize(saved_model, Path(job["calibration"]), mode)
             timings[f"{mode}_s"] = time.perf_counter() - t0
+            if job.get("bias_correction"):
+                t0 = time.perf_counter()
+                float_model = job.get("float_model") or str(workdir / "model_float32.tflite")
+                model, corrections[mode] = correct_bias(model, float_model, Path(job["calibration"]))
+                timings[f"{mode}_bias_correction_s"] = time.perf_counter() - t0
+            (workdir / job.get("output", f"model_{mode}.tflite")).write_bytes(model)
     if job.get("diagnose"):
         t0 = time.perf_counter()
         diagnose(saved_model, Path(job["calibration"]), workdir / "layer_stats.csv")
         timings["diagnose_s"] = time.perf_counter() - t0
-    print(json.dumps(timings), flush=True)
+    print(json.dumps({"timings": timings, "bias_correction": corrections}), flush=True)
     return 0
 
 

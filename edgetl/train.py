@@ -35,6 +35,7 @@ from edgetl import __version__
 from edgetl.artifacts import atomic_path, atomic_write, read_manifest, update_manifest, write_json
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetSplits, LoadedSplit, discover, load_split
+from edgetl.distributed import Context
 from edgetl.errors import ConfigError, DataError, Interrupted, RunDirError
 from edgetl.model import (
     EdgeClassifier,
@@ -63,7 +64,7 @@ HISTORY_FIELDS = [
     "seconds",
 ]
 # Settings that may differ between the start of a run and its resumption.
-RESUMABLE_OVERRIDES = frozenset({"device", "decode_workers"})
+RESUMABLE_OVERRIDES = frozenset({"device", "decode_workers", "compile"})
 
 
 @dataclass
@@ -84,6 +85,7 @@ class FinetuneResult:
     device: str
     seconds: float
     files: list[str] = field(default_factory=list)
+    processes: int = 1  # data-parallel processes that trained it
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items()}
@@ -264,12 +266,13 @@ def _group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
 # ----------------------------------------------------------------------------- training
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, desc=desc, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None
-    )
+        total=total, desc=desc, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True,
+        disable=None if enabled else True,
+    )  # fmt: skip
 
 
 def train_one_epoch(
@@ -284,43 +287,58 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     desc: str,
+    forward: nn.Module | None = None,
+    ctx: Context = Context(),  # noqa: B008 - frozen
 ) -> dict[str, float]:
-    """One pass over the training split. Returns loss, accuracy and images/s."""
+    """One pass over the training split. Returns loss, accuracy and images/s (all ranks together).
+
+    ``forward`` is what the batches go through (the DDP wrapper, a compiled module); ``model`` by
+    default. Under DDP each rank takes every ``world``-th image of each global batch. Loss and
+    accuracy accumulate on the device: no host synchronisation per step.
+    """
+    forward = forward or model
     set_train_mode(model, phase, unfreeze_from, cfg.bn)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train.labels))
-    epoch_seed = cfg.seed * 100_003 + epoch
+    epoch_seed = cfg.seed * 100_003 + epoch + 7_919 * ctx.rank
     torch.manual_seed(epoch_seed)  # dropout: a resumed run draws what the uninterrupted one would
     generator = torch.Generator(device=device).manual_seed(epoch_seed)
     labels_all = torch.from_numpy(train.labels).to(device)
     # Drop a last batch of one: BatchNorm in train mode cannot normalise a single sample.
     n_used = len(order) - 1 if len(order) % cfg.batch_size == 1 and len(order) > 1 else len(order)
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    order_on_device = torch.from_numpy(order).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with _progress(n_used, desc) as bar:
+    with _progress(n_used, desc, ctx.is_main) as bar:
         for begin in range(0, n_used, cfg.batch_size):
-            index = torch.from_numpy(order[begin : min(begin + cfg.batch_size, n_used)]).to(device)
+            index = order_on_device[begin : min(begin + cfg.batch_size, n_used)][ctx.rank :: ctx.world]
             pixels = augment(train_on_device[index], cfg.image_size, cfg, generator)
             labels = labels_all[index]
             with _autocast(device):
-                logits = model(_channels_last(pixels, device))
+                logits = forward(_channels_last(pixels, device))
                 loss = criterion(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             batch = len(index)
-            loss_sum += loss.item() * batch
-            correct += int((logits.argmax(1) == labels).sum())
+            loss_sum += loss.detach().double() * batch
+            correct += (logits.argmax(1) == labels).sum()
             seen += batch
-            rate = seen / max(time.perf_counter() - start, 1e-9)
-            bar.update(batch)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{rate:.0f}")
+            if ctx.is_main:
+                bar.update(batch * ctx.world)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    loss_total, correct_total, seen_total = ctx.sum(loss_sum.item(), float(correct.item()), float(seen))
     return {
-        "train_loss": loss_sum / max(seen, 1),
-        "train_acc": correct / max(seen, 1),
-        "images_per_s": seen / max(seconds, 1e-9),
+        "train_loss": loss_total / max(seen_total, 1),
+        "train_acc": correct_total / max(seen_total, 1),
+        "images_per_s": seen_total / max(seconds, 1e-9),
         "seconds": seconds,
     }
 
@@ -370,7 +388,7 @@ def finetune(
     *,
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
-) -> FinetuneResult:
+) -> FinetuneResult | None:
     """Fine-tune MobileNetV2 on an image folder and write the run directory.
 
     Args:
@@ -382,7 +400,8 @@ def finetune(
             stored configuration (except the device).
 
     Returns:
-        A :class:`FinetuneResult`.
+        A :class:`FinetuneResult`; None on the ranks other than 0 of a distributed run (see
+        :mod:`edgetl.distributed`), which write nothing.
 
     Raises:
         DataError, WeightsError, ConfigError, RunDirError: bad input; nothing is overwritten.
@@ -405,7 +424,15 @@ def finetune(
             hint="add --resume to continue it, or choose another --out",
         )
 
+    from edgetl import distributed
+
     device = resolve_device(cfg.device)
+    ctx = distributed.context(device)
+    device = ctx.device(device)
+    if not ctx.is_main:
+        logging.getLogger("edgetl").setLevel(logging.WARNING)
+    elif ctx.enabled:
+        log.info("data-parallel on %d processes (%s)", ctx.world, torch.distributed.get_backend())
     seed_everything(cfg.seed)
     splits = discover(data, cfg.val_fraction, cfg.seed)
     fingerprint = splits.fingerprint()
@@ -463,6 +490,9 @@ def finetune(
             phase = _phase_of(epoch, cfg)
             if optimizer_phase != phase:
                 set_trainable(model, phase, unfreeze_from)
+                forward = distributed.wrap(model, ctx, device)  # DDP hooks follow requires_grad
+                if cfg.compile and device.type == "cuda":
+                    forward = torch.compile(forward)
                 optimizer, scheduler = build_optimizer(model, cfg, phase, unfreeze_from, steps_per_epoch)
                 optimizer_phase = phase
                 if state is not None and state["optimizer_phase"] == phase and state["optimizer"]:
@@ -473,7 +503,7 @@ def finetune(
             desc = f"epoch {epoch + 1}/{total_epochs} (phase {phase})"
             stats = train_one_epoch(
                 model, train, train_on_device, cfg, phase, unfreeze_from,
-                optimizer, scheduler, device, epoch, desc,
+                optimizer, scheduler, device, epoch, desc, forward, ctx,
             )  # fmt: skip
             val_logits = predict_logits(model, val.images, device)
             val_metrics = classification_metrics(val_logits, val.labels, splits.classes)
@@ -500,7 +530,11 @@ def finetune(
             if phase == 2 and cfg.patience and epochs_since_best >= cfg.patience:
                 log.info("early stop: no better validation loss for %d epochs", cfg.patience)
                 stopped_early = True
+            stopped_early = ctx.broadcast_flag(stopped_early)  # every rank stops together
             epoch += 1
+            if not ctx.is_main:
+                state = None
+                continue
             _save_state(
                 run_dir,
                 {
@@ -527,12 +561,15 @@ def finetune(
             hint=f"continue with: edgetl finetune {data} --out {run_dir} --resume",
         ) from None
 
+    if not ctx.is_main:
+        return None
     model.load_state_dict(best["state"])
     result = _finalize(
         run_dir, model, splits, spec, cfg, device, val, test, history, best, skipped,
         weights_source, unfreeze_from, fingerprint, stopped_early,
     )  # fmt: skip
     result.seconds = time.perf_counter() - started
+    result.processes = ctx.world
     return result
 
 

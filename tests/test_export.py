@@ -72,6 +72,10 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
     assert {"torch", "onnx2tf", "tensorflow", "ai-edge-litert"} <= set(stage["versions"])
     assert stage["timings"]["onnx2tf_s"] > 0 and stage["parity_passed"] == result.parity.passed
     assert not (run_dir / ".export-work").exists()
+    weighted = sum(n for op, n in inspect_tflite(str(run_dir / "model_int8.tflite")).ops.items()
+                   if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))  # fmt: skip
+    assert stage["bias_correction"]["layers"] == weighted > 0
+    assert stage["bias_correction"]["images"] > 0
 
 
 def test_parity_report_has_every_metric(exported_run):
@@ -110,7 +114,8 @@ def test_check_command_json_and_exit_code(exported_run, tmp_path):
 
 
 def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run, tmp_path, netguard_log, monkeypatch):
-    """Calibrating on black images makes a useless int8 model: the gate must catch it."""
+    """Calibrating on black images (without bias correction, which measured on them too rescues this
+    easy 4-class model) makes a useless int8 model: the gate must catch it."""
     from PIL import Image
 
     copy_run(learned_run[1], tmp_path / "run")
@@ -120,7 +125,8 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     blank.mkdir()
     for i in range(8):
         Image.new("RGB", (40, 40), (0, 0, 0)).save(blank / f"{i}.png")
-    cli = CliRunner().invoke(main, ["-q", "export", str(run_dir), "--calib-dir", str(blank), "--json"])
+    cli = CliRunner().invoke(main, ["-q", "export", str(run_dir), "--calib-dir", str(blank), "--no-bias-correction",
+                                    "--json"])  # fmt: skip
     assert cli.exit_code == 3, cli.output
     payload = json.loads(cli.stdout)
     assert payload["parity_passed"] is False
@@ -133,6 +139,7 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     manifest = read_manifest(run_dir)
     assert manifest["stages"]["check"]["artifacts"]["model_int8.tflite"]["passed"] is False
     assert manifest["stages"]["export"]["calibration"]["source"] == "dir"
+    assert manifest["stages"]["export"]["bias_correction"] is None  # --no-bias-correction was honoured
     report = json.loads((run_dir / "parity.json").read_text())
     assert [r["remedy"] for r in report["int8_remedies"]][0] == "diagnosis"
     assert "## int8 diagnosis and remedies" in (run_dir / "parity.md").read_text()
@@ -168,6 +175,7 @@ def test_every_shipped_recipe_loads():
         ('source = "val"\n', "not allowed"),
         ('preprocessing = "train"\n', "must be 'eval'"),
         ('per_class = "many"\n', "must be a int"),
+        ('bias_correction = 1\n', "must be a bool"),
         ('per_class = [\n', "cannot read"),
     ],
 )

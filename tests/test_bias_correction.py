@@ -1,0 +1,123 @@
+"""Bias correction of quantised TFLite models (edgetl.bias_correction)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgetl.bias_correction import expected_error, tap_means
+
+
+def _conv_mean_bruteforce(x, w, stride, dilation, same):
+    """Spatial mean of a direct convolution of x [H, W, C] with w [KH, KW, C] (one output channel)."""
+    (h, wd, _), (kh, kw, _) = x.shape, w.shape
+    if same:
+        out_h, out_w = -(-h // stride[0]), -(-wd // stride[1])
+        ph = max((out_h - 1) * stride[0] + (kh - 1) * dilation[0] + 1 - h, 0)
+        pw = max((out_w - 1) * stride[1] + (kw - 1) * dilation[1] + 1 - wd, 0)
+        x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = []
+    for i in range(0, x.shape[0] - (kh - 1) * dilation[0], stride[0]):
+        for j in range(0, x.shape[1] - (kw - 1) * dilation[1], stride[1]):
+            patch = x[
+                i : i + (kh - 1) * dilation[0] + 1 : dilation[0], j : j + (kw - 1) * dilation[1] + 1 : dilation[1]
+            ]
+            out.append((patch * w).sum())
+    return np.mean(out)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, dilation, same",
+    [((7, 7), (3, 3), (1, 1), (1, 1), True), ((8, 6), (3, 3), (2, 2), (1, 1), True),
+     ((9, 9), (3, 3), (2, 2), (1, 1), False), ((5, 5), (1, 1), (1, 1), (1, 1), True),
+     ((10, 10), (3, 3), (1, 1), (2, 2), True), ((6, 7), (5, 3), (2, 1), (1, 1), True)],
+)  # fmt: skip
+def test_tap_means_equal_a_direct_convolution_with_padding(size, kernel, stride, dilation, same):
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 1.0, (*size, 4))  # a large mean makes the zero padding matter
+    w = rng.normal(0.0, 1.0, (*kernel, 4))
+    taps = tap_means(x, kernel, stride, dilation, same)
+    assert (w * taps).sum() == pytest.approx(_conv_mean_bruteforce(x, w, stride, dilation, same), rel=1e-9)
+
+
+def test_fully_connected_expected_error_is_delta_times_mean_input():
+    rng = np.random.default_rng(1)
+    delta, x = rng.normal(size=(3, 5)), rng.normal(size=(1, 5))
+    np.testing.assert_allclose(expected_error("FULLY_CONNECTED", None, delta, x), delta @ x[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A conv (SAME, stride 2) + depthwise model whose inputs have a large mean, in float32
+    and int8 TFLite, and its calibration images."""
+    tf = pytest.importorskip("tensorflow", reason="needs the export extra")
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((12, 12, 3), batch_size=1)
+    x = tf.keras.layers.Conv2D(8, 3, strides=2, padding="same")(inputs)
+    outputs = tf.keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    model = tf.keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    # One large weight per output channel sets its int8 step; the small ones round coarsely, and on a
+    # non-zero-mean input their rounding errors add up to a shift (a folded BatchNorm with a tiny
+    # variance does the same to a fine-tuned MobileNetV2).
+    conv = model.layers[1]
+    kernel = rng.normal(0.0, 0.03, (3, 3, 3, 8)).astype(np.float32)
+    kernel[1, 1, 0, :] = 4.0
+    conv.set_weights([kernel, -kernel.sum(axis=(0, 1, 2)) * 5.0])
+    images = rng.normal(5.0, 0.3, (64, 12, 12, 3)).astype(np.float32)
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    float_model = converter.convert()
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None]] for image in images)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    int8_model = converter.convert()
+    path = tmp_path_factory.mktemp("bc") / "float.tflite"
+    path.write_bytes(float_model)
+    return str(path), int8_model, images
+
+
+def _outputs(model, images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model) if isinstance(model, bytes) else Interpreter(model_path=model)
+    interpreter.allocate_tensors()
+    feed, fetch = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    out = []
+    for image in images:
+        interpreter.set_tensor(feed["index"], image[None])
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(fetch["index"])[0])
+    return np.asarray(out, np.float64)
+
+
+def test_correction_removes_the_mean_error_of_a_quantised_model(tiny_models):
+    from edgetl.bias_correction import correct
+
+    float_path, int8_model, images = tiny_models
+    corrected, summary = correct(int8_model, float_path, images[:32])
+    assert summary["layers"] == 2 and summary["images"] == 32
+    reference = _outputs(float_path, images[32:])  # held out from the correction
+    before = np.abs((_outputs(int8_model, images[32:]) - reference).mean(axis=(0, 1, 2))).max()
+    after = np.abs((_outputs(corrected, images[32:]) - reference).mean(axis=(0, 1, 2))).max()
+    assert summary["largest_shift_steps"] > 1
+    assert after < before / 3, (before, after)
+
+
+def test_models_that_do_not_pair_are_left_alone(tiny_models, tmp_path):
+    from edgetl.bias_correction import NotCorrectable, correct
+
+    float_path, int8_model, images = tiny_models
+    with pytest.raises(NotCorrectable):
+        correct(int8_model, _other_model(tmp_path), images)
+
+
+def _other_model(tmp_path):
+    import tensorflow as tf
+
+    inputs = tf.keras.Input((12, 12, 3), batch_size=1)
+    outputs = tf.keras.layers.Dense(4)(tf.keras.layers.Flatten()(inputs))
+    path = tmp_path / "other.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(inputs, outputs)).convert())
+    return str(path)

@@ -1,0 +1,63 @@
+"""Data-parallel fine-tuning (DDP, gloo on CPU) through ``edgetl finetune --nproc 2``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TOY_CONFIG
+
+import edgetl.train as train_module
+from edgetl.artifacts import read_manifest, verify_files
+from edgetl.cli import _without_option
+from edgetl.config import FinetuneConfig
+from edgetl.errors import Interrupted
+from edgetl.train import STATE_PATH, finetune
+
+
+def test_nproc_is_removed_from_the_relaunched_command():
+    argv = ["-q", "finetune", "d", "--nproc", "2", "--out", "r", "--nproc=3", "--json"]
+    assert _without_option(argv, "--nproc") == ["-q", "finetune", "d", "--out", "r", "--json"]
+
+
+def test_two_processes_resume_a_run_and_only_rank_0_writes(toy_data, tmp_path, monkeypatch):
+    """A single-process run interrupted after 2 of 4 epochs is finished by 2 DDP processes."""
+    run_dir = tmp_path / "run"
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupt_third_epoch)
+    with pytest.raises(Interrupted):
+        finetune(toy_data, run_dir, FinetuneConfig.build(TOY_CONFIG))
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    before = torch.load(run_dir / STATE_PATH, weights_only=False)["model"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetl", "finetune", str(toy_data), "--out", str(run_dir), "--resume",
+         "--nproc", "2", "--device", "cpu", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout  # one report, from rank 0
+    result = json.loads(lines[0])
+    assert result["processes"] == 2 and result["epochs_run"] == 4
+    assert "data-parallel on 2 processes (gloo)" in proc.stderr
+    history = (run_dir / "history.csv").read_text().strip().splitlines()
+    assert len(history) == 5 and history[3].startswith("3,2,")  # header + 4 epochs; epoch 3 is phase 2
+    manifest = read_manifest(run_dir)
+    assert verify_files(run_dir, manifest) == []
+    after = torch.load(run_dir / STATE_PATH, weights_only=False)["model"]
+    trained = [k for k in after if k.startswith("net.classifier") and not torch.equal(after[k], before[k])]
+    assert trained, "the DDP epochs did not change the head"
