@@ -177,6 +177,13 @@ def package(
         "requirements-device.txt": "".join(f"{r}\n" for r in target.device.requirements).encode(),
         **runtime_files(),
     }
+    if target.runtime == "tflm":  # firmware compiles the model in: C array + header
+        from edgetl.c_array import c_sources
+
+        labels = (run_dir / "labels.txt").read_text().splitlines()
+        io = {key: export["artifacts"][artifact][key] for key in ("input", "output")}
+        header, source = c_sources(model_bytes, io, labels, name="edgetl_model")
+        contents["edgetl_model_data.h"], contents["edgetl_model_data.c"] = header.encode(), source.encode()
     name = f"{run_dir.resolve().name}-{target.name}"
     contents["README.txt"] = bundle_readme(name, target, artifact).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
