@@ -347,16 +347,22 @@ def targets_stamp(name: str, stage: str) -> None:
 @click.option("--target", required=True, help="Target name or .toml path.")
 @click.option("--out", type=click.Path(path_type=str), default=None, help="Output folder [RUN_DIR/bundles].")
 @click.option("--force", is_flag=True, help="Package even if parity failed (recorded in the manifest).")
+@click.option("--no-compile", is_flag=True,
+              help="Accelerator targets: ship the compile-ready model and a script instead of compiling.")
+@click.option("--allow-cpu-ops", is_flag=True, help="Accept ops that the accelerator compiler leaves on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def package_command(run_dir: str, target: str, out: str | None, force: bool, as_json: bool) -> None:
+def package_command(run_dir: str, target: str, out: str | None, force: bool, no_compile: bool, allow_cpu_ops: bool,
+                    as_json: bool) -> None:  # fmt: skip
     """Bundle RUN_DIR's model for a target: folder + reproducible .tar.gz.
 
-    Exit 3 if the shipped artifact failed parity, 4 if it breaks a target constraint.
+    Exit 3 if the shipped artifact failed parity, 4 if it breaks a target constraint, 5 if the
+    target's compiler is missing, 7 if the accelerator compiler leaves operations on the CPU.
     """
     from edgetl.package import package
     from edgetl.targets import load_target
 
-    result = package(run_dir, load_target(target), out, force)
+    result = package(run_dir, load_target(target), out, force, compile_model=not no_compile,
+                     allow_cpu_ops=allow_cpu_ops)  # fmt: skip
     lines = [f"bundle:  {result.bundle_dir}", f"archive: {result.archive} (sha256 {result.archive_sha256})"]
     lines += [f"  {rel:<32} {entry['size']:>10,} B" for rel, entry in result.files.items()]
     if result.forced:

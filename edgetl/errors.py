@@ -19,6 +19,7 @@ class ExitCode(enum.IntEnum):
     CONSTRAINT_VIOLATED = 4  # a model does not fit the target's limits
     MISSING_DEPENDENCY = 5  # an optional extra is not installed
     VERIFY_FAILED = 6  # a bundle's files do not match its manifest
+    ACCELERATOR_FALLBACK = 7  # an accelerator compiler left operations on the CPU
     INTERRUPTED = 130  # Ctrl-C; the run can be resumed
 
 

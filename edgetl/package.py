@@ -133,7 +133,13 @@ Model: {model}; input {target.input.size}x{target.input.size} RGB {target.input.
 
 
 def package(
-    run_dir: str | os.PathLike, target: Target, out: str | os.PathLike | None = None, force: bool = False
+    run_dir: str | os.PathLike,
+    target: Target,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    *,
+    compile_model: bool = True,
+    allow_cpu_ops: bool = False,
 ) -> PackageResult:
     """Build the bundle folder and its reproducible ``.tar.gz``.
 
@@ -141,6 +147,10 @@ def package(
         RunDirError: nothing exported for this target's artifact, or run files differ from the manifest.
         ParityRefused: the artifact failed (or never had) the parity check, unless ``force``.
         ConstraintViolated: the model breaks a target limit (size, input, static shape, batch).
+        MissingDependencyError: the target's compiler is not installed (``compile_model=False``
+            ships the compile-ready model and a script instead).
+        OpsOnCPU: the Edge TPU compiler left operations on the CPU, unless ``allow_cpu_ops`` (or the
+            target allows them).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -184,6 +194,9 @@ def package(
         io = {key: export["artifacts"][artifact][key] for key in ("input", "output")}
         header, source = c_sources(model_bytes, io, labels, name="edgetl_model")
         contents["edgetl_model_data.h"], contents["edgetl_model_data.c"] = header.encode(), source.encode()
+    accelerator = None
+    if target.compile.tool == "edgetpu_compiler":
+        accelerator = _edgetpu(run_dir, artifact, target, contents, compile_model, allow_cpu_ops)
     name = f"{run_dir.resolve().name}-{target.name}"
     contents["README.txt"] = bundle_readme(name, target, artifact).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -202,6 +215,7 @@ def package(
         "parity": parity,
         "forced": bool(force and not passed),
         "calibration": export.get("calibration"),
+        "accelerator": accelerator,
         "training": {
             "arch": finetune["arch"],
             "weights": finetune["weights"],
@@ -231,6 +245,31 @@ def package(
         forced=bundle_manifest["forced"],
         parity=parity,
     )
+
+
+def _edgetpu(run_dir: Path, artifact: str, target: Target, contents: dict[str, bytes], compile_model: bool,
+             allow_cpu_ops: bool) -> dict[str, Any]:  # fmt: skip
+    """Compile for the Edge TPU into ``contents`` (or add the script to do it elsewhere)."""
+    import tempfile
+
+    from edgetl.edgetpu import COMPILER, OpsOnCPU, compile_script
+    from edgetl.edgetpu import compile_model as run_compiler
+
+    if not compile_model:
+        contents["compile_edgetpu.sh"] = compile_script(artifact, target.compile.args).encode()
+        return {"tool": COMPILER, "compiled": False, "script": "compile_edgetpu.sh"}
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled, log_text, report = run_compiler(run_dir / artifact, Path(tmp), target.compile.args)
+        if report.cpu_ops and not (allow_cpu_ops or target.compile.allow_cpu_ops):
+            ops = ", ".join(f"{r['op']} x{r['count']} ({r['status']})" for r in report.cpu_operations)
+            raise OpsOnCPU(
+                f"{report.cpu_ops} of {report.total_ops} operations would run on the CPU, not the Edge TPU: "
+                f"{ops or 'see the compiler log'}",
+                hint="change the model, or package with --allow-cpu-ops to accept the fallback",
+            )
+        contents[compiled.name] = compiled.read_bytes()
+        contents["edgetpu_compiler.log"] = log_text.encode()
+    return {"tool": COMPILER, "compiled": True, "model": compiled.name, **report.to_dict()}
 
 
 def _write_dir(bundle_dir: Path, contents: dict[str, bytes]) -> None:
