@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,5 +107,17 @@ def test_all_mapped_compiles_into_the_bundle(coral_target, tmp_path):
     env = _fake_compiler(tmp_path / "bin", str(FIXTURES / "all_mapped.txt"))
     result = _package(run_dir, target, tmp_path / "b", env=env)
     assert result.exit_code == 0, result.output
-    accel = json.loads((Path(json.loads(result.stdout)["bundle_dir"]) / "manifest.json").read_text())["accelerator"]
+    bundle = Path(json.loads(result.stdout)["bundle_dir"])
+    accel = json.loads((bundle / "manifest.json").read_text())["accelerator"]
     assert accel["mapped_fraction"] == 1.0 and accel["on_chip_bytes"] > 0 and accel["off_chip_bytes"] == 0
+
+    # The device runtime runs the compiled model through the Edge TPU delegate; without libedgetpu
+    # (as here) that is a one-line error, not a traceback or a silent CPU fallback.
+    from PIL import Image
+
+    Image.new("RGB", (80, 60), (120, 30, 200)).save(tmp_path / "frame.png")
+    proc = subprocess.run([sys.executable, "-m", "edgetl_runtime", ".", str(tmp_path / "frame.png")], cwd=bundle,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot load the Edge TPU delegate" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2

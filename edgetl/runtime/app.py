@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import BundleError, open_bundle
-from .model import open_model
+from .model import DelegateError, open_model
 from .preprocess import PreprocessSpec, prepare
 from .sources import SourceError, camera_frames, image_frames, video_frames
 
@@ -73,7 +73,10 @@ def load_classifier(source: str, threads: int | None, labels: str | None, backgr
             bundle = open_bundle(path)
         except BundleError as exc:
             raise RuntimeFailure(str(exc), EXIT_VERIFY if "verification" in str(exc) else EXIT_ERROR) from None
-        model = open_model(str(bundle.model_path), threads or bundle.threads)
+        try:
+            model = open_model(str(bundle.model_path), threads or bundle.threads, delegate=bundle.delegate)
+        except DelegateError as exc:
+            raise RuntimeFailure(str(exc), EXIT_ERROR) from None
         names, spec, probabilities = bundle.labels, bundle.preprocess, False
     elif path.is_file() and path.suffix in (".tflite", ".onnx"):
         if labels is None:

@@ -72,6 +72,7 @@ class Bundle:
     labels: list[str]
     preprocess: PreprocessSpec
     threads: int
+    delegate: str | None = None  # "edgetpu": the model is compiled for the Coral Edge TPU
 
     @property
     def target(self) -> dict[str, Any]:
@@ -94,10 +95,13 @@ def open_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
     labels = (root / "labels.txt").read_text().splitlines()
     if len(labels) != manifest["num_classes"]:
         raise BundleError(f"labels.txt has {len(labels)} labels, the model {manifest['num_classes']} classes")
+    accelerator = manifest.get("accelerator") or {}
+    compiled = accelerator.get("compiled") and accelerator.get("tool") == "edgetpu_compiler"
     return Bundle(
         root=root,
         manifest=manifest,
-        model_path=root / manifest["model"],
+        model_path=root / (accelerator["model"] if compiled else manifest["model"]),
+        delegate="edgetpu" if compiled else None,
         labels=labels,
         preprocess=PreprocessSpec.from_dict(manifest["preprocess"]),
         threads=int(manifest["target"].get("threads", 1)),

@@ -7,6 +7,7 @@ device and by the host's parity check, so both call the model the same way.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
@@ -95,11 +96,14 @@ class TFLiteClassifier:
             take (0, 1) or (-1, 1).
     """
 
-    def __init__(self, path: str, num_threads: int = 1, pixel_range: tuple[float, float] = (0.0, 255.0)):
+    def __init__(self, path: str, num_threads: int = 1, pixel_range: tuple[float, float] = (0.0, 255.0),
+                 delegate: str | None = None):  # fmt: skip
         interpreter_class = load_interpreter_class()
         self.path = str(path)
+        delegates = [load_edgetpu_delegate()] if delegate == "edgetpu" else None
         with native_stderr_captured():
-            self.interpreter = interpreter_class(model_path=self.path, num_threads=num_threads)
+            self.interpreter = interpreter_class(model_path=self.path, num_threads=num_threads,
+                                                 experimental_delegates=delegates)  # fmt: skip
             self.interpreter.allocate_tensors()
         inputs = self.interpreter.get_input_details()
         outputs = self.interpreter.get_output_details()
@@ -193,8 +197,35 @@ class ONNXClassifier:
         return self.invoke(self.to_input(pixels))
 
 
-def open_model(path: str, num_threads: int = 1):
-    """A classifier for a ``.tflite`` or ``.onnx`` file."""
+EDGETPU_LIBRARY = {"linux": "libedgetpu.so.1", "darwin": "libedgetpu.1.dylib", "win32": "edgetpu.dll"}
+
+
+class DelegateError(RuntimeError):
+    """An accelerator delegate could not be loaded."""
+
+
+def load_edgetpu_delegate():
+    """The Coral Edge TPU delegate, or a DelegateError that says what to install or plug in."""
+    try:
+        from ai_edge_litert.interpreter import load_delegate
+    except ImportError:
+        from tflite_runtime.interpreter import load_delegate
+    library = EDGETPU_LIBRARY.get(sys.platform, EDGETPU_LIBRARY["linux"])
+    detail = ""
+    with native_stderr_captured():
+        try:
+            return load_delegate(library)
+        except (OSError, ValueError, RuntimeError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        gc.collect()  # LiteRT's half-built Delegate complains from __del__: keep that off the terminal
+    raise DelegateError(
+        f"cannot load the Edge TPU delegate ({library}): {detail} — install the runtime "
+        "(apt install libedgetpu1-std) and check that the accelerator is plugged in"
+    )
+
+
+def open_model(path: str, num_threads: int = 1, delegate: str | None = None):
+    """A classifier for a ``.tflite`` or ``.onnx`` file (``delegate="edgetpu"`` for a compiled model)."""
     if str(path).endswith(".onnx"):
         return ONNXClassifier(path, num_threads)
-    return TFLiteClassifier(path, num_threads)
+    return TFLiteClassifier(path, num_threads, delegate=delegate)
