@@ -146,3 +146,28 @@ def exported_run(learned_run, tmp_path_factory, netguard_log):
     # 32 validation images and a 4-epoch model: one flipped image costs 3 points of agreement, so the
     # gate is set loosely here; tests of the gate itself use models that fail it clearly.
     return export(run_dir, ExportConfig(thresholds=Thresholds(max_drop=10.0, min_agreement=0.85))), run_dir
+
+
+def interrupt_toy_run(monkeypatch, data, run_dir, at_epoch: int = 3) -> None:
+    """Start the toy fine-tune in ``run_dir`` and Ctrl-C it as epoch ``at_epoch`` begins; the real
+    epoch function is restored afterwards, so the run can be resumed."""
+    import edgetl.train as train_module
+    from edgetl.config import FinetuneConfig
+    from edgetl.errors import Interrupted
+
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_epoch:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupt)
+    try:
+        with pytest.raises(Interrupted) as info:
+            train_module.finetune(data, run_dir, FinetuneConfig.build(TOY_CONFIG))
+    finally:
+        monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    assert "--resume" in info.value.hint

@@ -7,16 +7,12 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
-from conftest import TOY_CONFIG
+from conftest import interrupt_toy_run
 
-import edgetl.train as train_module
 from edgetl.artifacts import read_manifest, verify_files
 from edgetl.cli import _without_option
-from edgetl.config import FinetuneConfig
-from edgetl.errors import Interrupted
-from edgetl.train import STATE_PATH, finetune
+from edgetl.train import STATE_PATH
 
 
 def test_nproc_is_removed_from_the_relaunched_command():
@@ -27,19 +23,7 @@ def test_nproc_is_removed_from_the_relaunched_command():
 def test_two_processes_resume_a_run_and_only_rank_0_writes(toy_data, tmp_path, monkeypatch):
     """A single-process run interrupted after 2 of 4 epochs is finished by 2 DDP processes."""
     run_dir = tmp_path / "run"
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupt_third_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupt_third_epoch)
-    with pytest.raises(Interrupted):
-        finetune(toy_data, run_dir, FinetuneConfig.build(TOY_CONFIG))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    interrupt_toy_run(monkeypatch, toy_data, run_dir)
     before = torch.load(run_dir / STATE_PATH, weights_only=False)["model"]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TOY_CLASSES, TOY_CONFIG
+from conftest import TOY_CLASSES, TOY_CONFIG, interrupt_toy_run
 
 from edgetl import train as train_module
 from edgetl.artifacts import read_manifest, verify_files
 from edgetl.cli import main
 from edgetl.config import FinetuneConfig
-from edgetl.errors import ConfigError, Interrupted, RunDirError
+from edgetl.errors import ConfigError, RunDirError
 from edgetl.train import STATE_PATH, finetune, load_checkpoint, predict_logits
 
 pytestmark = pytest.mark.slow
@@ -80,23 +80,10 @@ def test_learns_well_above_chance(learned_run):
 def test_interrupted_run_resumes_to_the_same_model(toy_run, toy_data, tmp_path, monkeypatch):
     uninterrupted, reference_dir = toy_run
     run_dir = tmp_path / "run"
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupt_third_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupt_third_epoch)
-    with pytest.raises(Interrupted) as info:
-        finetune(toy_data, run_dir, FinetuneConfig.build(TOY_CONFIG))
-    assert "--resume" in info.value.hint
+    interrupt_toy_run(monkeypatch, toy_data, run_dir)
     assert (run_dir / STATE_PATH).is_file()
     assert not (run_dir / "model.pt").exists()  # nothing a later step would trust
 
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     resumed = finetune(toy_data, run_dir, FinetuneConfig(), resume=True, overrides={})
     assert resumed.epochs_run == uninterrupted.epochs_run == 4
     ours = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
