@@ -104,8 +104,8 @@ def expected_error(kind: str, op: Any, delta: np.ndarray, mean_input: np.ndarray
     return np.einsum("khc,khc->c", delta[0].astype(np.float64), taps)
 
 
-def mean_inputs(float_model_path: str, images: np.ndarray, count: int) -> list[np.ndarray]:
-    """Per-pixel mean of every weighted op's input in the float model over ``images``."""
+def mean_inputs(float_model_path: str, indices: list[int], images: np.ndarray, count: int) -> list[np.ndarray]:
+    """Per-pixel mean over ``images`` of the float model's tensors ``indices`` (the weighted ops' inputs)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interpreter = Interpreter(
@@ -115,10 +115,6 @@ def mean_inputs(float_model_path: str, images: np.ndarray, count: int) -> list[n
         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
     )
     interpreter.allocate_tensors()
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    ops = _weighted_ops(flatbuffer_utils.read_model(float_model_path))
-    indices = [op.inputs[0] for _, op in ops]
     sums = [None] * len(indices)
     feed = interpreter.get_input_details()[0]
     for image in images[:count]:
@@ -146,7 +142,7 @@ def correct(quantized: bytes, float_model_path: str, images: np.ndarray, count: 
     if [k for k, _ in qops] != [k for k, _ in fops]:
         raise NotCorrectable("the float and quantised models have different weighted ops")
     qgraph, fgraph = qmodel.subgraphs[0], fmodel.subgraphs[0]
-    means = mean_inputs(float_model_path, images, count)
+    means = mean_inputs(float_model_path, [op.inputs[0] for _, op in fops], images, count)
     largest, corrected = 0.0, 0
     for (kind, qop), (_, fop), mean in zip(qops, fops, means, strict=True):
         qw, fw = qgraph.tensors[qop.inputs[1]], fgraph.tensors[fop.inputs[1]]
