@@ -350,24 +350,51 @@ def targets_stamp(name: str, stage: str) -> None:
 @click.option("--no-compile", is_flag=True,
               help="Accelerator targets: ship the compile-ready model and a script instead of compiling.")
 @click.option("--allow-cpu-ops", is_flag=True, help="Accept ops that the accelerator compiler leaves on the CPU.")
+@click.option("--tflm/--no-tflm", "check_tflm", default=True,
+              help="MCU targets: run the model with TFLite Micro on validation images (op support, minimum "
+                   "arena, outputs vs LiteRT) [on].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def package_command(run_dir: str, target: str, out: str | None, force: bool, no_compile: bool, allow_cpu_ops: bool,
-                    as_json: bool) -> None:  # fmt: skip
+                    check_tflm: bool, as_json: bool) -> None:  # fmt: skip
     """Bundle RUN_DIR's model for a target: folder + reproducible .tar.gz.
 
     Exit 3 if the shipped artifact failed parity, 4 if it breaks a target constraint, 5 if the
     target's compiler is missing, 7 if the accelerator compiler leaves operations on the CPU.
+    Budgets (exit 4) include the compiled model's size and, for microcontrollers and NPUs, the
+    tensor arena measured with TFLite Micro or Vela's SRAM use.
     """
     from edgetl.package import package
     from edgetl.targets import load_target
 
     result = package(run_dir, load_target(target), out, force, compile_model=not no_compile,
-                     allow_cpu_ops=allow_cpu_ops)  # fmt: skip
+                     allow_cpu_ops=allow_cpu_ops, check_tflm=check_tflm)  # fmt: skip
     lines = [f"bundle:  {result.bundle_dir}", f"archive: {result.archive} (sha256 {result.archive_sha256})"]
     lines += [f"  {rel:<32} {entry['size']:>10,} B" for rel, entry in result.files.items()]
+    lines += _compile_summary(result.accelerator, result.tflm)
     if result.forced:
         lines.append("WARNING: packaged with --force although parity failed")
     _emit(as_json, result.to_dict(), "\n".join(lines))
+
+
+def _compile_summary(accelerator: dict | None, tflm: dict | None) -> list[str]:
+    lines = []
+    if accelerator and accelerator.get("compiled") and accelerator["tool"] == "vela":
+        a = accelerator
+        lines.append(f"vela {a['vela_version']} ({a['accelerator']}, {a['system_config']}, {a['memory_mode']}): "
+                     f"{a['npu_ops']}/{a['npu_ops'] + a['cpu_ops']} ops on the NPU, SRAM {a['sram_bytes']:,} B, "
+                     f"flash {a['flash_bytes']:,} B, estimated {1000 * a['inference_time_s']:.2f} ms/inference")
+    elif accelerator and accelerator.get("compiled"):
+        a = accelerator
+        lines.append(f"edgetpu_compiler: {a['tpu_ops']}/{a['total_ops']} ops on the Edge TPU, "
+                     f"on-chip {a.get('on_chip_bytes') or 0:,} B, off-chip {a.get('off_chip_bytes') or 0:,} B")
+    if tflm:
+        ref, default = tflm["compared"]["litert_reference_kernels"], tflm["compared"]["litert_default_kernels"]
+        lines.append(f"tflite-micro {tflm['version']}: minimum arena {tflm['arena_bytes']:,} B"
+                     f"{'' if tflm['arena_verified'] else ' (NOT verified)'}; on {tflm['images']} images top-1 "
+                     f"{100 * tflm['top1']:.2f}%, max output difference vs LiteRT reference kernels "
+                     f"{ref['max_abs_diff_steps']} steps, top-1 agreement with LiteRT (XNNPACK) "
+                     f"{100 * default['agreement']:.2f}%")
+    return lines
 
 
 @main.command("verify")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetl.errors import EdgetlError, ExitCode, MissingDependencyError
+from edgetl.errors import EdgetlError, MissingDependencyError, OpsOnCPU  # noqa: F401 - OpsOnCPU re-exported
 
 COMPILER = "edgetpu_compiler"
 MAPPED = "Mapped to Edge TPU"
@@ -39,12 +39,6 @@ _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 class CompilerFailed(EdgetlError):
     """edgetpu_compiler ran and failed."""
-
-
-class OpsOnCPU(EdgetlError):
-    """Some operations would run on the host CPU instead of the Edge TPU."""
-
-    exit_code = ExitCode.ACCELERATOR_FALLBACK
 
 
 @dataclass

@@ -63,6 +63,12 @@ class MissingDependencyError(EdgetlError):
     exit_code = ExitCode.MISSING_DEPENDENCY
 
 
+class OpsOnCPU(EdgetlError):
+    """An accelerator's compiler left operations on the CPU (beyond what the target allows)."""
+
+    exit_code = ExitCode.ACCELERATOR_FALLBACK
+
+
 class Interrupted(EdgetlError):
     """The user pressed Ctrl-C; state was saved and the run can be resumed."""
 

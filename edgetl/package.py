@@ -47,6 +47,8 @@ class PackageResult:
     files: dict[str, dict[str, Any]]
     forced: bool
     parity: dict[str, Any]
+    accelerator: dict[str, Any] | None = None  # compiler report (Edge TPU, Vela)
+    tflm: dict[str, Any] | None = None  # TFLite Micro run: arena, agreement with LiteRT
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,8 @@ class PackageResult:
             "files": self.files,
             "forced": self.forced,
             "parity": self.parity,
+            "accelerator": self.accelerator,
+            "tflm": self.tflm,
         }
 
 
@@ -89,12 +93,12 @@ def parity_verdict(manifest: dict[str, Any], artifact: str, target: Target) -> t
     return bool(passed), metrics
 
 
-def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, size: int) -> list[str]:
-    """Every way the artifact breaks the target's limits (empty: it fits)."""
+def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, size: int | None) -> list[str]:
+    """Every way the artifact breaks the target's limits (empty: it fits); ``size=None`` skips the size."""
     problems = []
     spec = manifest["stages"]["export"]["artifacts"][artifact]
     limit = target.constraints.max_model_bytes
-    if limit is not None and size > limit:
+    if limit is not None and size is not None and size > limit:
         problems.append(f"{artifact} is {size:,} bytes, {size - limit:,} over the target's {limit:,}")
     shape = spec["input"]["shape"]
     side = shape[2] if target.input.layout == "NCHW" else shape[1]
@@ -140,6 +144,7 @@ def package(
     *,
     compile_model: bool = True,
     allow_cpu_ops: bool = False,
+    check_tflm: bool = True,
 ) -> PackageResult:
     """Build the bundle folder and its reproducible ``.tar.gz``.
 
@@ -149,8 +154,11 @@ def package(
         ConstraintViolated: the model breaks a target limit (size, input, static shape, batch).
         MissingDependencyError: the target's compiler is not installed (``compile_model=False``
             ships the compile-ready model and a script instead).
-        OpsOnCPU: the Edge TPU compiler left operations on the CPU, unless ``allow_cpu_ops`` (or the
-            target allows them).
+        OpsOnCPU: the Edge TPU compiler or Vela left more operations on the CPU than the target
+            allows, unless ``allow_cpu_ops``.
+        ConstraintViolated: also when the compiled model, Vela's SRAM use or the TFLM arena exceed
+            the target's budgets (the message says by how much).
+        TFLMUnsupported: TFLite Micro cannot run the model (``check_tflm=False`` skips that run).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -164,7 +172,8 @@ def package(
     if tampered:
         raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
     model_bytes = (run_dir / artifact).read_bytes()
-    problems = check_constraints(manifest, artifact, target, len(model_bytes))
+    compiled_later = target.compile.tool == "vela" and compile_model  # Vela's output is what must fit
+    problems = check_constraints(manifest, artifact, target, None if compiled_later else len(model_bytes))
     if problems:
         more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise ConstraintViolated(f"{target.name}: {problems[0]}{more}")
@@ -187,16 +196,22 @@ def package(
         "requirements-device.txt": "".join(f"{r}\n" for r in target.device.requirements).encode(),
         **runtime_files(),
     }
+    accelerator = tflm = None
+    firmware_model = artifact  # what a TFLM firmware compiles in
+    if target.compile.tool == "edgetpu_compiler":
+        accelerator = _edgetpu(run_dir, artifact, target, contents, compile_model, allow_cpu_ops)
+    elif target.compile.tool == "vela":
+        accelerator = _vela(run_dir, artifact, target, contents, compile_model, allow_cpu_ops)
+        firmware_model = accelerator.get("model", artifact)
+    if target.runtime == "tflm" and target.compile.tool == "":  # the Cortex-M runs every op itself
+        tflm = _tflm(run_dir, manifest, artifact, target) if check_tflm else None
     if target.runtime == "tflm":  # firmware compiles the model in: C array + header
         from edgetl.c_array import c_sources
 
         labels = (run_dir / "labels.txt").read_text().splitlines()
         io = {key: export["artifacts"][artifact][key] for key in ("input", "output")}
-        header, source = c_sources(model_bytes, io, labels, name="edgetl_model")
+        header, source = c_sources(contents[firmware_model], io, labels, name="edgetl_model")
         contents["edgetl_model_data.h"], contents["edgetl_model_data.c"] = header.encode(), source.encode()
-    accelerator = None
-    if target.compile.tool == "edgetpu_compiler":
-        accelerator = _edgetpu(run_dir, artifact, target, contents, compile_model, allow_cpu_ops)
     name = f"{run_dir.resolve().name}-{target.name}"
     contents["README.txt"] = bundle_readme(name, target, artifact).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -216,6 +231,7 @@ def package(
         "forced": bool(force and not passed),
         "calibration": export.get("calibration"),
         "accelerator": accelerator,
+        "tflm": tflm,
         "training": {
             "arch": finetune["arch"],
             "weights": finetune["weights"],
@@ -244,6 +260,8 @@ def package(
         files=files,
         forced=bundle_manifest["forced"],
         parity=parity,
+        accelerator=accelerator,
+        tflm=tflm,
     )
 
 
@@ -252,7 +270,7 @@ def _edgetpu(run_dir: Path, artifact: str, target: Target, contents: dict[str, b
     """Compile for the Edge TPU into ``contents`` (or add the script to do it elsewhere)."""
     import tempfile
 
-    from edgetl.edgetpu import COMPILER, OpsOnCPU, compile_script
+    from edgetl.edgetpu import COMPILER, compile_script
     from edgetl.edgetpu import compile_model as run_compiler
 
     if not compile_model:
@@ -260,16 +278,75 @@ def _edgetpu(run_dir: Path, artifact: str, target: Target, contents: dict[str, b
         return {"tool": COMPILER, "compiled": False, "script": "compile_edgetpu.sh"}
     with tempfile.TemporaryDirectory() as tmp:
         compiled, log_text, report = run_compiler(run_dir / artifact, Path(tmp), target.compile.args)
-        if report.cpu_ops and not (allow_cpu_ops or target.compile.allow_cpu_ops):
-            ops = ", ".join(f"{r['op']} x{r['count']} ({r['status']})" for r in report.cpu_operations)
-            raise OpsOnCPU(
-                f"{report.cpu_ops} of {report.total_ops} operations would run on the CPU, not the Edge TPU: "
-                f"{ops or 'see the compiler log'}",
-                hint="change the model, or package with --allow-cpu-ops to accept the fallback",
-            )
+        ops = ", ".join(f"{r['op']} x{r['count']} ({r['status']})" for r in report.cpu_operations)
+        _refuse_fallback(report.cpu_ops or 0, report.total_ops, "the Edge TPU", ops, target, allow_cpu_ops)
         contents[compiled.name] = compiled.read_bytes()
         contents["edgetpu_compiler.log"] = log_text.encode()
     return {"tool": COMPILER, "compiled": True, "model": compiled.name, **report.to_dict()}
+
+
+def _refuse_fallback(cpu_ops: int, total: int | None, where: str, ops: str, target: Target,
+                     allow_cpu_ops: bool) -> None:  # fmt: skip
+    """Raise OpsOnCPU when more operations than the target allows stay on the CPU."""
+    from edgetl.errors import OpsOnCPU
+
+    allowed = target.compile.max_cpu_ops
+    if cpu_ops <= allowed or allow_cpu_ops or target.compile.allow_cpu_ops:
+        return
+    allowance = f" (the target allows {allowed})" if allowed else ""
+    raise OpsOnCPU(
+        f"{cpu_ops} of {total} operations would run on the CPU, not {where}{allowance}: {ops or 'see the log'}",
+        hint="change the model, or package with --allow-cpu-ops to accept the fallback",
+    )
+
+
+def _over(what: str, used: int, limit: int | None) -> str | None:
+    if limit is None or used <= limit:
+        return None
+    return f"{what} is {used:,} bytes, {used - limit:,} over the target's {limit:,}"
+
+
+def _vela(run_dir: Path, artifact: str, target: Target, contents: dict[str, bytes], compile_model: bool,
+          allow_cpu_ops: bool) -> dict[str, Any]:  # fmt: skip
+    """Compile for the Ethos-U NPU with Vela into ``contents`` (or add the script to do it elsewhere)."""
+    from edgetl import vela
+
+    if not compile_model:
+        contents["compile_vela.sh"] = vela.compile_script(artifact, target.compile.args).encode()
+        return {"tool": "vela", "compiled": False, "script": "compile_vela.sh"}
+    with tempfile.TemporaryDirectory(prefix="edgetl-vela-") as tmp:
+        compiled, log_text, summary, report = vela.compile_model(run_dir / artifact, Path(tmp), target.compile.args)
+        ops = ", ".join(f"{r['tensor']}" + (f" ({r['op']}: {r['reason']})" if r["reason"] else "")
+                        for r in report.cpu_operations[:5]) + (", ..." if len(report.cpu_operations) > 5 else "")
+        _refuse_fallback(report.cpu_ops, report.npu_ops + report.cpu_ops, "the NPU", ops, target, allow_cpu_ops)
+        size = compiled.stat().st_size
+        problems = [p for p in (
+            _over(f"{compiled.name}", size, target.constraints.max_model_bytes),
+            _over(f"Vela's SRAM use ({report.accelerator}, {report.memory_mode})", report.sram_bytes,
+                  target.constraints.max_arena_bytes),
+        ) if p]  # fmt: skip
+        if problems:
+            raise ConstraintViolated(f"{target.name}: {'; '.join(problems)}")
+        contents[compiled.name] = compiled.read_bytes()
+        contents["vela.log"] = log_text.encode()
+        contents["vela_summary.csv"] = summary.encode()
+    return {"tool": "vela", "compiled": True, "model": compiled.name, "model_bytes": size, **report.to_dict()}
+
+
+def _tflm(run_dir: Path, manifest: dict[str, Any], artifact: str, target: Target,
+          max_images: int = 128) -> dict[str, Any]:  # fmt: skip
+    """Run the model with TFLite Micro on validation images: op support, minimum arena, LiteRT parity."""
+    from edgetl import tflm
+    from edgetl.parity import evaluation_set
+
+    images, description, _, _ = evaluation_set(run_dir, manifest, None)
+    pixels, labels = images.images[:max_images], images.labels[:max_images]
+    spec = manifest["stages"]["export"]["artifacts"][artifact]
+    report = tflm.check_model(run_dir / artifact, pixels, {k: spec[k] for k in ("input", "output")}, labels)
+    problem = _over("the TFLite Micro tensor arena", report.arena_bytes, target.constraints.max_arena_bytes)
+    if problem:
+        raise ConstraintViolated(f"{target.name}: {problem}")
+    return {**report.to_dict(), "data": {**description, "count": len(pixels)}}
 
 
 def _write_dir(bundle_dir: Path, contents: dict[str, bytes]) -> None:

@@ -20,6 +20,7 @@ from edgetl.errors import ConfigError
 RUNTIMES = ("litert", "onnxruntime", "tflm")
 DELEGATES = ("none", "xnnpack", "edgetpu", "ethos-u")
 KINDS = ("cpu", "accelerator", "mcu")
+COMPILERS = ("", "edgetpu_compiler", "vela")
 ARTIFACT_PRECISION = {
     "model.onnx": "float32",
     "model_float32.tflite": "float32",
@@ -50,17 +51,18 @@ class ParitySpec:
 
 @dataclass(frozen=True)
 class Constraints:
-    max_model_bytes: int | None = None  # size of the shipped model file
-    max_arena_bytes: int | None = None  # working memory (tensor arena), checked where measurable
+    max_model_bytes: int | None = None  # flash for the shipped model file (the compiled one, if compiled)
+    max_arena_bytes: int | None = None  # RAM for activations: the TFLM tensor arena or Vela's SRAM use
     static_shapes: bool = True
     batch: int = 1
 
 
 @dataclass(frozen=True)
 class CompileSpec:
-    tool: str = ""  # e.g. "edgetpu_compiler", "vela"
+    tool: str = ""  # "", "edgetpu_compiler" or "vela"
     args: tuple[str, ...] = ()
-    allow_cpu_ops: bool = False
+    allow_cpu_ops: bool = False  # any number of operations may fall back to the CPU
+    max_cpu_ops: int = 0  # otherwise: how many may (more is exit 7)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,10 @@ def _validate(target: Target, where: str) -> None:
         value = getattr(target.constraints, key)
         if value is not None and value <= 0:
             raise bad(f"constraints.{key} must be > 0")
+    if target.compile.tool not in COMPILERS:
+        raise bad(f"compile tool must be one of {', '.join(repr(c) for c in COMPILERS)}, got {target.compile.tool!r}")
+    if target.compile.max_cpu_ops < 0:
+        raise bad("compile.max_cpu_ops must be >= 0")
     if target.model.width is not None and not 0.05 <= target.model.width <= 4:
         raise bad("model width must be within 0.05..4")
 

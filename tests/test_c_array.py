@@ -67,7 +67,7 @@ def test_mcu_bundle_ships_the_c_array(exported_run, tmp_path):
     text = open(load_target("mcu-tflm").source).read().replace("size = 96", f"size = {side}")
     target.write_text(text.replace("max_model_bytes = 1_000_000", "max_model_bytes = 100_000_000"))
     result = CliRunner().invoke(main, ["-q", "package", str(run_dir), "--target", str(target),
-                                       "--out", str(tmp_path / "b"), "--force", "--json"])  # fmt: skip
+                                       "--out", str(tmp_path / "b"), "--force", "--json", "--no-tflm"])  # fmt: skip
     assert result.exit_code == 0, result.output
     bundle = json.loads(result.stdout)["bundle_dir"]
     files = json.loads(open(f"{bundle}/manifest.json").read())["files"]
