@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -qq $(TORCH_PINS)
-	$(PIP) install -qq -e '.[train,export,dev]'
+	$(PIP) install -qq -e '.[train,export,mcu,dev]'
 	@touch $@
 
 demo: $(STAMP) ## Install if needed, then run the embedded demo (a few minutes on a CPU)
