@@ -54,6 +54,7 @@ def main() -> int:
         result = export(work, ExportConfig())
         wall = time.perf_counter() - t0
         correction = read_manifest(work)["stages"]["export"].get("bias_correction")
+        equalization = read_manifest(work)["stages"]["export"].get("equalization")
         sizes = {name: a["bytes"] for name, a in result.artifacts.items()}
         parity = {n: {k: a[k] for k in ("top1", "delta_top1_pp", "agreement", "cosine_mean", "sqnr_db", "passed")}
                   for n, a in result.parity.artifacts.items()}  # fmt: skip
@@ -116,10 +117,10 @@ def main() -> int:
                 result_text = r.get("error") or (f"top-1 {100 * r['top1']:.2f}%, Δ {r['delta_top1_pp']:+.2f} pp, "
                                                  f"agreement {100 * r['agreement']:.2f}%")  # fmt: skip
                 lines.append(f"- {r['remedy']}: {result_text} — {'pass' if r.get('passed') else 'fail'}")
-    lines += ["", f"int8 bias correction: {correction}"]
+    lines += ["", f"int8 bias correction: {correction}", f"linear-bottleneck equalisation: {equalization}"]
     payload = {"machine": info, "run": str(run), "timings": t, "wall_s": wall, "sizes": sizes,
                "parity": parity, "parity_images": count, "latency": latency, "ratios": ratio,
-               "remedies": remedies, "bias_correction": correction}  # fmt: skip
+               "remedies": remedies, "bias_correction": correction, "equalization": equalization}  # fmt: skip
     path = write_result(f"export_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {path}")

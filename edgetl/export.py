@@ -55,6 +55,7 @@ class ExportConfig:
     verify_images: int = 64  # validation images used for that float check
     remedies: bool = True  # when int8 fails parity: diagnose and try remedies
     bias_correction: bool | None = None  # None: the recipe decides (on by default)
+    equalize: bool = True  # int8: equalise linear-bottleneck activation ranges first (edgetl.equalize)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -181,6 +182,12 @@ def export(
         guard = list(val.paths) + ([str(s.path) for s in splits.test] if splits else [])
         calibration = calibration_set(splits, spec, recipe, cfg.calib_dir, guard_paths=guard)
         log.info("calibration: %d images (sha256 %s…)", len(calibration.paths), calibration.sha256[:12])
+    equalization = None
+    if calibration is not None and cfg.equalize:
+        from edgetl.equalize import equalize
+
+        # Exact in float; the exports below are still checked against ``reference`` (the original model).
+        equalization = equalize(model, calibration.images)
 
     workdir = (run_dir / WORKDIR).resolve()  # absolute: the converter runs with its own cwd
     shutil.rmtree(workdir, ignore_errors=True)
@@ -245,6 +252,7 @@ def export(
         "artifacts": artifacts,
         "calibration": calibration.description if calibration else None,
         "bias_correction": bias_correction,
+        "equalization": equalization,
         "onnx_opset": cfg.opset,
         "float_tolerance": cfg.float_tolerance,
         "verified_on_images": int(len(verify)),

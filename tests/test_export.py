@@ -76,6 +76,11 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
                    if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))  # fmt: skip
     assert stage["bias_correction"]["layers"] == weighted > 0
     assert stage["bias_correction"]["images"] > 0
+    # Block 1's linear bottleneck was range-equalised before conversion (the float checks still passed).
+    [equalised] = stage["equalization"]
+    assert equalised["tensor"] == "features.1 -> features.2" and equalised["scale_max"] >= 1.0
+    assert int8.get("max_abs_logit_diff_vs_torch") is None
+    assert stage["artifacts"]["model_float32.tflite"]["max_abs_logit_diff_vs_torch"] <= 1e-4
 
 
 def test_parity_report_has_every_metric(exported_run):

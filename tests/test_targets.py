@@ -11,7 +11,8 @@ from edgetl.cli import main
 from edgetl.errors import ConfigError
 from edgetl.targets import all_targets, load_target, target_files
 
-REQUIRED = {"rpi4-cpu", "rpi5-cpu", "x86-onnx", "coral-edgetpu", "ethos-u55", "mcu-tflm"}
+REQUIRED = {"rpi4-cpu", "rpi5-cpu", "x86-onnx", "coral-edgetpu", "ethos-u55", "ethos-u55-256", "ethos-u65-256",
+            "ethos-u85-256", "mcu-tflm"}
 
 
 def test_every_target_file_loads_and_the_required_ones_exist():
@@ -23,6 +24,11 @@ def test_every_target_file_loads_and_the_required_ones_exist():
     assert targets["rpi4-cpu"].artifact == "model_int8.tflite" and targets["rpi4-cpu"].input.dtype == "uint8"
     assert targets["x86-onnx"].precision == "float32"
     assert targets["mcu-tflm"].model.width == 0.35 and targets["mcu-tflm"].input.size == 96
+    for name, accelerator in (("ethos-u55", "ethos-u55-128"), ("ethos-u55-256", "ethos-u55-256"),
+                              ("ethos-u65-256", "ethos-u65-256"), ("ethos-u85-256", "ethos-u85-256")):  # fmt: skip
+        spec = targets[name].compile
+        assert spec.tool == "vela" and spec.args[spec.args.index("--accelerator-config") + 1] == accelerator
+        assert spec.max_cpu_ops == 0 and targets[name].constraints.max_arena_bytes
 
 
 def load_target_text(name: str) -> str:
@@ -39,6 +45,8 @@ def load_target_text(name: str) -> str:
         (("size = 224", "size = 100"), "multiple of 8", None),
         (("min_agreement = 0.98", "min_agreement = 1.5"), "min_agreement", None),
         (('mode = "int8"', 'mode = "float32"'), "does not match artifact", None),
+        (("[device]", '[compile]\ntool = "velaa"\n\n[device]'), "compile tool must be one of", None),
+        (("[device]", "[compile]\nmax_cpu_ops = -1\n\n[device]"), "max_cpu_ops must be >= 0", None),
         (('[input]\nsize = 224\ndtype = "uint8"\nlayout = "NHWC"\n', ""), None, None),
     ],
 )
