@@ -55,7 +55,7 @@ class ExportConfig:
     verify_images: int = 64  # validation images used for that float check
     remedies: bool = True  # when int8 fails parity: diagnose and try remedies
     bias_correction: bool | None = None  # None: the recipe decides (on by default)
-    equalize: bool = True  # int8: equalise linear-bottleneck activation ranges first (edgetl.equalize)
+    equalize: bool = True  # int8: equalise linear-bottleneck activation ranges first (edgetl.prequant)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -184,9 +184,9 @@ def export(
         log.info("calibration: %d images (sha256 %s…)", len(calibration.paths), calibration.sha256[:12])
     equalization = None
     if calibration is not None and cfg.equalize:
-        from edgetl.equalize import equalize
+        from edgetl.prequant import equalize
 
-        # Exact in float; the exports below are still checked against ``reference`` (the original model).
+        # Exact in float: the exports below are still checked against ``reference``.
         equalization = equalize(model, calibration.images)
 
     workdir = (run_dir / WORKDIR).resolve()  # absolute: the converter runs with its own cwd

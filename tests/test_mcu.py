@@ -246,3 +246,19 @@ def test_missing_vela_is_exit_5_and_no_compile_ships_a_script(exported_run, tmp_
     assert "vela --config Arm/vela.ini --accelerator-config ethos-u55-128" in script
     assert "--output-dir . model_int8.tflite" in script
     assert json.loads((bundle / "manifest.json").read_text())["accelerator"]["compiled"] is False
+
+
+def test_finetune_takes_width_and_input_size_from_the_mcu_target(toy_data, tmp_path):
+    """`edgetl finetune --target mcu-tflm` trains at the target's width (0.35) and input size; flags win."""
+    target = tmp_path / "mcu.toml"
+    target.write_text(open(load_target("mcu-tflm").source).read().replace("size = 96", "size = 40"))
+    base = ["-q", "finetune", str(toy_data), "--target", str(target), "--weights", "none", "--head-epochs", "1",
+            "--finetune-epochs", "0", "--batch-size", "16", "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "a")["stages"]["finetune"]
+    assert manifest["arch"]["width"] == 0.35 and manifest["config"]["image_size"] == 40
+    assert manifest["preprocess"]["image_size"] == 40
+    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "b"), "--width", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "b")["stages"]["finetune"]["arch"]["width"] == 0.5

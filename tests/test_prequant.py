@@ -32,7 +32,7 @@ def _images(n: int = 8, side: int = 48) -> np.ndarray:
 
 
 def test_only_linear_bottlenecks_that_feed_one_block_are_paired(model):
-    from edgetl.equalize import linear_pairs
+    from edgetl.prequant import linear_pairs
 
     features = model.net.features
     pairs = linear_pairs(features)
@@ -43,8 +43,8 @@ def test_only_linear_bottlenecks_that_feed_one_block_are_paired(model):
 
 
 def test_equalisation_is_exact_in_float_and_equalises_the_ranges(model):
-    from edgetl.equalize import equalize
     from edgetl.parity import torch_logits
+    from edgetl.prequant import equalize
 
     images = _images()
     before = torch_logits(model, images)
@@ -64,3 +64,4 @@ def test_equalisation_is_exact_in_float_and_equalises_the_ranges(model):
     assert len(records) == 1 and records[0]["tensor"] == "features.1 -> features.2"
     assert records[0]["channels"] == len(ranges_before)
     assert records[0]["scale_max"] == pytest.approx(float(ranges_before.max() / ranges_before.min()), rel=1e-4)
+

@@ -1,0 +1,140 @@
+"""Which layer's int8 *weights* cost agreement with float? A PyTorch simulation on a fine-tuned run.
+
+Each convolution is taken with its BatchNorm folded in (as the converter does), its weights rounded
+to per-output-channel symmetric int8, and unfolded again; activations stay float. The script reports
+top-1 agreement with the float model on the run's validation split when
+
+- every layer's weights are int8,
+- only one layer's weights are int8 (for each layer; the worst ones listed),
+- every layer but the worst one is int8,
+
+and the folded weight statistics of the worst layer (largest |w| against the median, the channel).
+This is the diagnosis behind edgetl's bias correction and linear-bottleneck equalisation; it needs
+only torch. Writes ``results/int8_layer_sensitivity_<tag>.{json,md}``.
+
+    python benchmarks/int8_layer_sensitivity.py [--run /work/bench-runs/sign_language_cpu_imagenet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_result  # noqa: E402
+
+
+def folded_layers(net):
+    """(name, conv, bn) for every convolution followed by a BatchNorm in MobileNetV2."""
+    import torch.nn as nn
+
+    modules = dict(net.named_modules())
+    layers = []
+    for name, module in modules.items():
+        if isinstance(module, nn.Sequential) or type(module).__name__ == "Conv2dNormActivation":
+            children = list(module.named_children())
+            for (a_name, a), (_, b) in zip(children, children[1:], strict=False):
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    layers.append((f"{name}.{a_name}", a, b))
+    return layers
+
+
+def quantised_weight(conv, bn):
+    """The conv weight whose BN-folded version is rounded to per-channel symmetric int8."""
+    import torch
+
+    factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    folded = conv.weight.detach() * factor[:, None, None, None]
+    scale = folded.abs().flatten(1).amax(1).clamp_min(1e-12) / 127
+    rounded = torch.round(folded / scale[:, None, None, None]).clamp(-127, 127) * scale[:, None, None, None]
+    return rounded / factor[:, None, None, None], folded
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="/work/bench-runs/sign_language_cpu_imagenet")
+    parser.add_argument("--tag", default="sign_language")
+    parser.add_argument("--top", type=int, default=5)
+    args = parser.parse_args()
+    run = Path(args.run)
+    if not (run / "model.pt").is_file():
+        print(f"skipped: no finished run in {run}", file=sys.stderr)
+        return 0
+    import torch
+
+    from edgetl.artifacts import read_manifest
+    from edgetl.parity import evaluation_set, torch_logits
+    from edgetl.train import load_checkpoint
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, _ = load_checkpoint(run)
+    model.eval()
+    images, description, _, _ = evaluation_set(run, read_manifest(run), None)
+    reference = torch_logits(model, images.images).argmax(1)
+    layers = folded_layers(model.net)
+    originals = {name: conv.weight.detach().clone() for name, conv, _ in layers}
+    quantised = {name: quantised_weight(conv, bn)[0] for name, conv, bn in layers}
+
+    def agreement(int8_layers: set[str]) -> float:
+        with torch.no_grad():
+            for name, conv, _ in layers:
+                conv.weight.copy_(quantised[name] if name in int8_layers else originals[name])
+        predicted = torch_logits(model, images.images).argmax(1)
+        return float(np.mean(predicted == reference))
+
+    names = [name for name, _, _ in layers]
+    every = agreement(set(names))
+    alone = {name: agreement({name}) for name in names}
+    ranked = sorted(alone, key=alone.get)
+    worst = ranked[0]
+    all_but_worst = agreement(set(names) - {worst})
+    agreement(set())  # restore
+    conv, bn = next((c, b) for n, c, b in layers if n == worst)
+    _, folded = quantised_weight(conv, bn)
+    peak = folded.abs().flatten(1).amax(1)
+    channel = int(peak.argmax())
+    stats = {
+        "layer": worst,
+        "channel": channel,
+        "max_abs_folded_weight": float(peak.max()),
+        "median_channel_peak": float(peak.median()),
+        "running_var": float(bn.running_var[channel]),
+        "folded_bias": float(bn.bias[channel] - bn.weight[channel] * bn.running_mean[channel]
+                             / torch.sqrt(bn.running_var[channel] + bn.eps)),  # fmt: skip
+    }
+    result = {
+        "run": str(run),
+        "data": description,
+        "layers": len(names),
+        "agreement_all_int8_weights": every,
+        "agreement_one_layer_int8": {name: alone[name] for name in ranked[: args.top]},
+        "agreement_all_but_worst": all_but_worst,
+        "worst_layer": stats,
+        "machine": machine(),
+    }
+    lines = [
+        f"# int8 weight sensitivity per layer ({args.tag})",
+        "",
+        f"Run `{run}`, {description['count']} images ({description['source']}). BN folded, per-channel "
+        "symmetric int8 weights, float activations; top-1 agreement with the float model.",
+        "",
+        f"- every layer int8: {100 * every:.2f}%",
+        f"- every layer but `{worst}` int8: {100 * all_but_worst:.2f}%",
+        "- worst single layers (only that layer int8): "
+        + ", ".join(f"`{n}` {100 * alone[n]:.2f}%" for n in ranked[: args.top]),
+        f"- `{worst}` channel {channel}: folded |w| max {stats['max_abs_folded_weight']:.1f} (median channel peak "
+        f"{stats['median_channel_peak']:.2f}), BN running_var {stats['running_var']:.2e}, folded bias "
+        f"{stats['folded_bias']:.1f}",
+        "",
+    ]
+    path = write_result(f"int8_layer_sensitivity_{args.tag}", result, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
