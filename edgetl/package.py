@@ -120,7 +120,32 @@ def runtime_files() -> dict[str, bytes]:
     return {f"{RUNTIME_DIR}/{p.name}": p.read_bytes() for p in sorted(source.glob("*.py"))}
 
 
-def bundle_readme(name: str, target: Target, model: str) -> str:
+def bundle_readme(name: str, target: Target, model: str, accelerator: dict[str, Any] | None = None,
+                  tflm: dict[str, Any] | None = None) -> str:  # fmt: skip
+    shape = f"input {target.input.size}x{target.input.size} RGB {target.input.dtype} {target.input.layout}"
+    if target.runtime == "tflm":
+        compiled = (accelerator or {}).get("model")
+        firmware = compiled or model
+        arena = (f"TFLite Micro needed a tensor arena of {tflm['arena_bytes']:,} bytes (measured on a 64-bit host: "
+                 "an upper bound for a 32-bit MCU)." if tflm else "")  # fmt: skip
+        if accelerator and accelerator.get("tool") == "vela" and accelerator.get("compiled"):
+            arena = (f"Vela ({accelerator['accelerator']}, {accelerator['system_config']}, "
+                     f"{accelerator['memory_mode']}) plans {accelerator['sram_bytes']:,} bytes of SRAM; "
+                     "the ethos-u custom op needs the Ethos-U driver and TFLM's ethos-u kernel.")  # fmt: skip
+        return f"""{name}: an edgetl bundle for {target.name} ({target.description})
+
+Firmware: compile edgetl_model_data.c into your TensorFlow Lite for Microcontrollers build; it holds
+{firmware} as a 16-byte-aligned const array, and edgetl_model_data.h declares it with its length,
+the input/output shape, dtype, scale and zero point, and the labels:
+
+    #include "edgetl_model_data.h"
+    const tflite::Model* model = tflite::GetModel(edgetl_model_data);
+
+{arena}
+Model: {model}; {shape}; labels in labels.txt; everything else in manifest.json.
+To try the same int8 model on a host: python3 -m {RUNTIME_DIR} . image.jpg (needs requirements of the
+rpi targets: numpy, ai-edge-litert, OpenCV).
+"""
     return f"""{name}: an edgetl bundle for {target.name} ({target.description})
 
 Install the runtime's dependencies on the device (no torch, no TensorFlow, no edgetl):
@@ -131,8 +156,7 @@ Classify images or folders (the runtime checks every file's sha256 against manif
 
     python3 -m {RUNTIME_DIR} . path/to/image.jpg path/to/folder --top-k 3
 
-Model: {model}; input {target.input.size}x{target.input.size} RGB {target.input.dtype} \
-{target.input.layout}; labels in labels.txt; everything else in manifest.json.
+Model: {model}; {shape}; labels in labels.txt; everything else in manifest.json.
 """
 
 
@@ -213,7 +237,7 @@ def package(
         header, source = c_sources(contents[firmware_model], io, labels, name="edgetl_model")
         contents["edgetl_model_data.h"], contents["edgetl_model_data.c"] = header.encode(), source.encode()
     name = f"{run_dir.resolve().name}-{target.name}"
-    contents["README.txt"] = bundle_readme(name, target, artifact).encode()
+    contents["README.txt"] = bundle_readme(name, target, artifact, accelerator, tflm).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
              for rel, data in sorted(contents.items())}  # fmt: skip
     bundle_manifest = {

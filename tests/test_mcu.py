@@ -88,6 +88,8 @@ def test_tflm_runs_every_op_and_measures_the_minimum_arena(mcu_bundle):
     default = tflm["compared"]["litert_default_kernels"]
     assert default["agreement"] >= 0.85 and default["max_abs_diff_steps"] < 64
     assert 0.5 <= tflm["top1"] <= 1.0  # the toy model learned its four classes
+    readme = (bundle / "README.txt").read_text()
+    assert f"tensor arena of {tflm['arena_bytes']:,} bytes" in readme and "edgetl_model_data.c" in readme
 
 
 def test_tflm_arena_is_independently_reproducible(mcu_bundle):
@@ -163,6 +165,7 @@ def test_vela_compiles_every_op_onto_the_npu(exported_run, tmp_path, name):
     # The firmware's C array is the Vela model, not the plain int8 one.
     source = (bundle / "edgetl_model_data.c").read_text()
     assert f"edgetl_model_data_len = {len(compiled)}u;" in source
+    assert "holds\nmodel_int8_vela.tflite" in (bundle / "README.txt").read_text()
     if name == "ethos-u65-256":  # the SRAM budget is Vela's 384 KiB cache
         assert accel["sram_bytes"] <= 384 * 1024 and accel["memory_mode"] == "Dedicated_Sram_384KB"
 
