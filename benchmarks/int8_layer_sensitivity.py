@@ -102,8 +102,8 @@ def main() -> int:
         "max_abs_folded_weight": float(peak.max()),
         "median_channel_peak": float(peak.median()),
         "running_var": float(bn.running_var[channel]),
-        "folded_bias": float(bn.bias[channel] - bn.weight[channel] * bn.running_mean[channel]
-                             / torch.sqrt(bn.running_var[channel] + bn.eps)),  # fmt: skip
+        "folded_bias": float((bn.bias[channel] - bn.weight[channel] * bn.running_mean[channel]
+                              / torch.sqrt(bn.running_var[channel] + bn.eps)).detach()),  # fmt: skip
     }
     result = {
         "run": str(run),
