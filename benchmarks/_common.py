@@ -48,9 +48,21 @@ def machine() -> dict:
 
 
 def write_result(name: str, result: dict, markdown: str) -> Path:
-    """Write ``results/<name>.json`` and ``results/<name>.md``; return the JSON path."""
+    """Write ``results/<name>.json`` and ``results/<name>.md``, print the markdown and where it went;
+    return the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / f"{name}.json"
     json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown.rstrip("\n"))
+    print(f"wrote {json_path}")
     return json_path
+
+
+def finished_run(path: str) -> Path | None:
+    """The fine-tuning run at ``path``, or None (saying so on stderr) when there is none to measure."""
+    run = Path(path)
+    if not (run / "model.pt").is_file():
+        print(f"skipped: no finished run in {run}", file=sys.stderr)
+        return None
+    return run

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, machine, write_result  # noqa: E402
+from _common import SHARED, finished_run, machine, write_result  # noqa: E402
 
 CORAL = SHARED / "models" / "coral_mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite"
 
@@ -32,9 +32,8 @@ def main() -> int:
     parser.add_argument("--tag", default="sign_language_cpu")
     parser.add_argument("--keep", default=None, help="keep the exported copy of the run in this folder")
     args = parser.parse_args()
-    run = Path(args.run)
-    if not (run / "model.pt").is_file():
-        print(f"skipped: no finished run in {run}", file=sys.stderr)
+    run = finished_run(args.run)
+    if run is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -121,9 +120,7 @@ def main() -> int:
     payload = {"machine": info, "run": str(run), "timings": t, "wall_s": wall, "sizes": sizes,
                "parity": parity, "parity_images": count, "latency": latency, "ratios": ratio,
                "remedies": remedies, "bias_correction": correction, "equalization": equalization}  # fmt: skip
-    path = write_result(f"export_bench_{args.tag}", payload, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_result(f"export_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     return 0
 
 

@@ -96,9 +96,7 @@ def report(args: argparse.Namespace, runs: dict) -> None:
             f"{run['seconds']:.0f}s |"
         )
     result = {"machine": info, "runs": runs}
-    path = write_result(f"finetune_accuracy_{args.tag}", result, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_result(f"finetune_accuracy_{args.tag}", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_result  # noqa: E402
+from _common import finished_run, machine, write_result  # noqa: E402
 
 
 def folded_layers(net):
@@ -59,9 +59,8 @@ def main() -> int:
     parser.add_argument("--tag", default="sign_language")
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args()
-    run = Path(args.run)
-    if not (run / "model.pt").is_file():
-        print(f"skipped: no finished run in {run}", file=sys.stderr)
+    run = finished_run(args.run)
+    if run is None:
         return 0
     import torch
 
@@ -130,9 +129,7 @@ def main() -> int:
         f"{stats['folded_bias']:.1f}",
         "",
     ]
-    path = write_result(f"int8_layer_sensitivity_{args.tag}", result, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_result(f"int8_layer_sensitivity_{args.tag}", result, "\n".join(lines))
     return 0
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_result  # noqa: E402
+from _common import finished_run, machine, write_result  # noqa: E402
 
 VELA_TARGETS = ("ethos-u55", "ethos-u55-256", "ethos-u65-256", "ethos-u85-256")
 
@@ -39,9 +39,8 @@ def main() -> int:
     parser.add_argument("--run", default="/work/bench-runs/sl_mcu_scratch")
     parser.add_argument("--tag", default="sign_language")
     args = parser.parse_args()
-    run = Path(args.run)
-    if not (run / "model.pt").is_file():
-        print(f"skipped: no finished run in {run}", file=sys.stderr)
+    run = finished_run(args.run)
+    if run is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from edgetl import tflm, vela
@@ -125,9 +124,7 @@ def main() -> int:
     versions = f"Vela {next(iter(compiled.values()))['vela_version']}, tflite-micro {report.version}"
     lines += ["", f"{versions}. Vela's time is its performance model's estimate for the named system config, "
               "not a measurement.", ""]  # fmt: skip
-    path = write_result(f"mcu_bench_{args.tag}", result, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_result(f"mcu_bench_{args.tag}", result, "\n".join(lines))
     return 0
 
 

@@ -87,9 +87,7 @@ def main() -> int:
                   f"{100 * agreement['device_top1']:.2f}%, "
                   f"host top-1 {100 * agreement['host_top1']:.2f}%."]  # fmt: skip
     payload = {"machine": info, "latency": results, "agreement": agreement}
-    path = write_result(f"runtime_bench_{args.tag}", payload, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_result(f"runtime_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     return 0
 
 

@@ -84,9 +84,7 @@ def main() -> int:
         f"| 1: head only, backbone frozen | {phases['phase1']['images_per_s_median']:.1f} |",
         f"| 2: last third unfrozen | {phases['phase2']['images_per_s_median']:.1f} |",
     ]
-    path = write_result(f"train_throughput_{device.type}", result, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_result(f"train_throughput_{device.type}", result, "\n".join(lines) + "\n")
     return 0
 
 

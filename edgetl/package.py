@@ -97,9 +97,9 @@ def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, s
     """Every way the artifact breaks the target's limits (empty: it fits); ``size=None`` skips the size."""
     problems = []
     spec = manifest["stages"]["export"]["artifacts"][artifact]
-    limit = target.constraints.max_model_bytes
-    if limit is not None and size is not None and size > limit:
-        problems.append(f"{artifact} is {size:,} bytes, {size - limit:,} over the target's {limit:,}")
+    too_big = None if size is None else _over(artifact, size, target.constraints.max_model_bytes)
+    if too_big:
+        problems.append(too_big)
     shape = spec["input"]["shape"]
     side = shape[2] if target.input.layout == "NCHW" else shape[1]
     if side != target.input.size:
@@ -227,13 +227,13 @@ def package(
     elif target.compile.tool == "vela":
         accelerator = _vela(run_dir, artifact, target, contents, compile_model, allow_cpu_ops)
         firmware_model = accelerator.get("model", artifact)
+    io = {key: export["artifacts"][artifact][key] for key in ("input", "output")}
     if target.runtime == "tflm" and target.compile.tool == "":  # the Cortex-M runs every op itself
-        tflm = _tflm(run_dir, manifest, artifact, target) if check_tflm else None
+        tflm = _tflm(run_dir, manifest, artifact, io, target) if check_tflm else None
     if target.runtime == "tflm":  # firmware compiles the model in: C array + header
         from edgetl.c_array import c_sources
 
         labels = (run_dir / "labels.txt").read_text().splitlines()
-        io = {key: export["artifacts"][artifact][key] for key in ("input", "output")}
         header, source = c_sources(contents[firmware_model], io, labels, name="edgetl_model")
         contents["edgetl_model_data.h"], contents["edgetl_model_data.c"] = header.encode(), source.encode()
     name = f"{run_dir.resolve().name}-{target.name}"
@@ -249,7 +249,7 @@ def package(
         "num_classes": finetune["arch"]["num_classes"],
         "target": target.to_dict(),
         "preprocess": finetune["preprocess"],
-        "io": {key: export["artifacts"][artifact][key] for key in ("input", "output")},
+        "io": io,
         "files": files,
         "parity": parity,
         "forced": bool(force and not passed),
@@ -292,8 +292,6 @@ def package(
 def _edgetpu(run_dir: Path, artifact: str, target: Target, contents: dict[str, bytes], compile_model: bool,
              allow_cpu_ops: bool) -> dict[str, Any]:  # fmt: skip
     """Compile for the Edge TPU into ``contents`` (or add the script to do it elsewhere)."""
-    import tempfile
-
     from edgetl.edgetpu import COMPILER, compile_script
     from edgetl.edgetpu import compile_model as run_compiler
 
@@ -357,7 +355,7 @@ def _vela(run_dir: Path, artifact: str, target: Target, contents: dict[str, byte
     return {"tool": "vela", "compiled": True, "model": compiled.name, "model_bytes": size, **report.to_dict()}
 
 
-def _tflm(run_dir: Path, manifest: dict[str, Any], artifact: str, target: Target,
+def _tflm(run_dir: Path, manifest: dict[str, Any], artifact: str, io: dict[str, Any], target: Target,
           max_images: int = 128) -> dict[str, Any]:  # fmt: skip
     """Run the model with TFLite Micro on validation images: op support, minimum arena, LiteRT parity."""
     from edgetl import tflm
@@ -365,8 +363,7 @@ def _tflm(run_dir: Path, manifest: dict[str, Any], artifact: str, target: Target
 
     images, description, _, _ = evaluation_set(run_dir, manifest, None)
     pixels, labels = images.images[:max_images], images.labels[:max_images]
-    spec = manifest["stages"]["export"]["artifacts"][artifact]
-    report = tflm.check_model(run_dir / artifact, pixels, {k: spec[k] for k in ("input", "output")}, labels)
+    report = tflm.check_model(run_dir / artifact, pixels, io, labels)
     problem = _over("the TFLite Micro tensor arena", report.arena_bytes, target.constraints.max_arena_bytes)
     if problem:
         raise ConstraintViolated(f"{target.name}: {problem}")

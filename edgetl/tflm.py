@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import EdgetlError, ExitCode, require
+from edgetl.runtime.model import integer_input
 
 ARENA_STEP = 16  # TFLM aligns arena allocations to 16 bytes
 _TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
@@ -100,15 +101,6 @@ def _run(model: Path, arena: int, batch: np.ndarray, workdir: Path) -> tuple[boo
     return ok, text, np.load(outputs) if ok else None
 
 
-def to_input(pixels: np.ndarray, dtype: str) -> np.ndarray:
-    """uint8 RGB pixels ``[N, H, W, 3]`` -> an integer model's input (as the device runtime does)."""
-    if dtype == "uint8":
-        return pixels
-    if dtype == "int8":
-        return (pixels.astype(np.int16) - 128).astype(np.int8)
-    raise ValueError(f"TFLite Micro check needs a uint8 or int8 input, the model takes {dtype}")
-
-
 def litert_outputs(model: str | Path, batch: np.ndarray, reference_kernels: bool) -> np.ndarray:
     """Raw outputs of LiteRT on prepared inputs: its reference kernels, or its default (XNNPACK) ones."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -154,7 +146,10 @@ def check_model(model: str | Path, pixels: np.ndarray, io: dict[str, Any] | None
     require("tflite_micro", "mcu", import_it=False)
     model = Path(model).resolve()
     io = io or {}
-    batch = to_input(pixels, io.get("input", {}).get("dtype", "uint8"))
+    dtype = io.get("input", {}).get("dtype", "uint8")
+    if dtype not in ("uint8", "int8"):
+        raise ValueError(f"TFLite Micro check needs a uint8 or int8 input, the model takes {dtype}")
+    batch = integer_input(pixels, dtype)
     generous = max(64 << 20, 10 * model.stat().st_size)
     with tempfile.TemporaryDirectory(prefix="edgetl-tflm-") as tmp:
         workdir = Path(tmp)

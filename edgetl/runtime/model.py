@@ -85,6 +85,15 @@ class TensorSpec:
                 "scale": self.scale, "zero_point": self.zero_point}  # fmt: skip
 
 
+def integer_input(pixels: np.ndarray, dtype: str) -> np.ndarray:
+    """uint8 RGB pixels -> a uint8 (as they are) or int8 (pixels - 128) model input, any leading shape."""
+    if dtype == "uint8":
+        return pixels
+    if dtype == "int8":
+        return (pixels.astype(np.int16) - 128).astype(np.int8)
+    raise ValueError(f"not an 8-bit integer input: {dtype}")
+
+
 class TFLiteClassifier:
     """A single-input, single-output image classifier in a ``.tflite`` file.
 
@@ -134,10 +143,8 @@ class TFLiteClassifier:
         """
         batch = pixels[None]
         dtype = self.input.dtype
-        if dtype == "uint8":
-            return batch
-        if dtype == "int8":
-            return (batch.astype(np.int16) - 128).astype(np.int8)
+        if dtype in ("uint8", "int8"):
+            return integer_input(batch, dtype)
         low, high = self.pixel_range
         real = batch.astype(np.float32) * ((high - low) / 255.0) + low
         if dtype == "float32":
