@@ -222,16 +222,19 @@ def _parity_lines(report: Any) -> list[str]:
               help="Correct each int8 layer's weight-rounding shift [the recipe's setting: on].")
 @click.option("--equalize/--no-equalize", default=True,
               help="Equalise linear-bottleneck activation ranges before int8 conversion (exact in float) [on].")
+@click.option("--converter", type=click.Choice(["direct", "onnx2tf"]), default="direct", show_default=True,
+              help="TFLite route: rebuild the model in TensorFlow from its weights, or convert the ONNX with onnx2tf.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def export(run_dir: str, int8: bool | None, target: str | None, calib: str | None, calib_dir: str | None,
            data: str | None, max_drop: float | None, min_agreement: float | None, no_remedies: bool,
-           bias_correction: bool | None, equalize: bool, as_json: bool) -> None:
+           bias_correction: bool | None, equalize: bool, converter: str, as_json: bool) -> None:
     """Export RUN_DIR to ONNX and TFLite (float32, int8), verify, and check parity.
 
     Exits 3 when an artifact fails parity; failing artifacts are marked so that packaging refuses them.
     """
     require("torch", "train")
-    require("onnx2tf", "export", import_it=False)  # it imports TensorFlow; the export runs it apart
+    # Both import TensorFlow, which the export runs in a child process.
+    require("onnx2tf" if converter == "onnx2tf" else "tensorflow", "export", import_it=False)
     from edgetl.errors import ExitCode
     from edgetl.export import ExportConfig
     from edgetl.export import export as run_export
@@ -245,7 +248,7 @@ def export(run_dir: str, int8: bool | None, target: str | None, calib: str | Non
         min_agreement = spec.parity.min_agreement if min_agreement is None else min_agreement
     cfg = ExportConfig(int8=True if int8 is None else int8, calib=calib or "default", calib_dir=calib_dir,
                        remedies=not no_remedies, thresholds=_thresholds(max_drop, min_agreement),
-                       bias_correction=bias_correction, equalize=equalize)  # fmt: skip
+                       bias_correction=bias_correction, equalize=equalize, converter=converter)  # fmt: skip
     result = run_export(run_dir, cfg, data)
     sizes = [f"  {name:<22} {a['bytes'] / 1e6:6.2f} MB  {a['precision']}" for name, a in result.artifacts.items()]
     text = [f"exported {run_dir}:", *sizes, "parity (vs float PyTorch):", *_parity_lines(result.parity)]

@@ -134,7 +134,7 @@ def run_demo(
     exported = None
     if not with_export:
         notes.append("export skipped (--no-export)")
-    elif importlib.util.find_spec("onnx2tf") is None:
+    elif importlib.util.find_spec("tensorflow") is None:
         notes.append('export skipped: pip install "edgetl[export]" for ONNX / TFLite export and parity')
     else:
         from edgetl.export import ExportConfig, export

@@ -2,8 +2,10 @@
 
 * ``model.onnx``: torch's exporter, ``onnx.checker``, and onnxruntime against PyTorch on real
   validation images (max abs logit difference within ``float_tolerance``).
-* ``model_float32.tflite``: onnx2tf's conversion of that ONNX, same check.
-* ``model_int8.tflite``: TFLiteConverter on onnx2tf's SavedModel with a representative dataset from
+* ``model_float32.tflite``: TFLiteConverter on the model rebuilt in TensorFlow from its PyTorch
+  weights (:mod:`edgetl.tf_graph`; or onnx2tf's conversion of the ONNX with ``converter="onnx2tf"``),
+  same check.
+* ``model_int8.tflite``: TFLiteConverter on that float model with a representative dataset from
   a calibration recipe; full-integer (int8 ops, per-channel weights), uint8 RGB NHWC input with scale 1
   and zero point 0 — raw pixels, normalisation inside the graph — batch 1, static shape.
 
@@ -56,6 +58,7 @@ class ExportConfig:
     remedies: bool = True  # when int8 fails parity: diagnose and try remedies
     bias_correction: bool | None = None  # None: the recipe decides (on by default)
     equalize: bool = True  # int8: equalise linear-bottleneck activation ranges first (edgetl.prequant)
+    converter: str = "direct"  # TFLite route: "direct" (edgetl.tf_graph) or "onnx2tf"
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -203,13 +206,26 @@ def export(
         if onnx_diff > cfg.float_tolerance:
             raise ExportError(f"ONNX logits differ from PyTorch by {onnx_diff:.2e} > {cfg.float_tolerance}")
 
-        job = {"onnx": str(workdir / "model.onnx"), "workdir": str(workdir), "int8": cfg.int8,
-               "bias_correction": cfg.int8 and bias_correction_wanted(cfg)}  # fmt: skip
+        job = {"workdir": str(workdir), "int8": cfg.int8, "bias_correction": cfg.int8 and bias_correction_wanted(cfg)}
+        if cfg.converter == "onnx2tf":
+            job["onnx"] = str(workdir / "model.onnx")
+        else:
+            from edgetl.tf_graph import UnsupportedModel, save_graph
+            from edgetl.tflite_convert import GRAPH
+
+            try:
+                save_graph(model, spec.image_size, workdir / GRAPH)
+            except UnsupportedModel as exc:
+                raise ExportError(f"the direct TFLite converter does not know {exc}",
+                                  hint="export with --converter onnx2tf") from None  # fmt: skip
+            job["graph"] = True
         if calibration is not None:
             np.save(workdir / "calibration.npy", calibration.images)
             job["calibration"] = str(workdir / "calibration.npy")
-        log.info("converting to TFLite (onnx2tf%s)…", " + int8" if cfg.int8 else "")
+        log.info("converting to TFLite (%s%s)…", cfg.converter, " + int8" if cfg.int8 else "")
+        t0 = time.perf_counter()
         converted = _run_converter(job, log_path)
+        timings["converter_process_s"] = time.perf_counter() - t0  # incl. starting Python and TensorFlow
         timings.update(converted["timings"])
         bias_correction = converted["bias_correction"].get("int8")
         tflite_diff = _max_abs_diff(reference, workdir / "model_float32.tflite", verify)
@@ -253,6 +269,7 @@ def export(
         "calibration": calibration.description if calibration else None,
         "bias_correction": bias_correction,
         "equalization": equalization,
+        "converter": cfg.converter,
         "onnx_opset": cfg.opset,
         "float_tolerance": cfg.float_tolerance,
         "verified_on_images": int(len(verify)),
@@ -269,7 +286,9 @@ def export(
         from edgetl.parity import record_remedies
         from edgetl.remedies import diagnose_and_remedy
 
+        t0 = time.perf_counter()
         report, remedies = diagnose_and_remedy(run_dir, workdir, cfg, report, splits, spec, val, data)
+        timings["remedies_s"] = time.perf_counter() - t0
         record_remedies(run_dir, remedies)
         for name in ARTIFACTS:  # a remedy may have added a variant (model_int16x8.tflite)
             if name not in produced and (run_dir / name).is_file():

@@ -283,8 +283,8 @@ def record_remedies(run_dir: Path, remedies: list[dict[str, Any]]) -> None:
                 lines.append(f"Layer-by-layer diagnosis failed: {attempt['error']}")
                 continue
             lines += ["Layers with the largest quantisation error (RMSE in units of the layer's int8 step):", "",
-                      "| op | tensor | RMSE / scale | max abs error |", "|---|---|---|---|"]  # fmt: skip
-            lines += [f"| {w['op']} | `{w['tensor'][:80]}` | {w['rmse_over_scale']:.2f} | {w['max_abs_error']:.4g} |"
+                      "| layer | op | RMSE / scale | max abs error |", "|---|---|---|---|"]  # fmt: skip
+            lines += [f"| `{w['layer']}` | {w['op']} | {w['rmse_over_scale']:.2f} | {w['max_abs_error']:.4g} |"
                       for w in attempt.get("worst_layers", [])]  # fmt: skip
             lines.append("")
         else:

@@ -32,6 +32,19 @@ from edgetl.parity import ParityReport, check, compare, runner_for, torch_logits
 log = logging.getLogger(__name__)
 
 
+def layer_name(tensor: str) -> str:
+    """The layer a TFLite tensor belongs to: the innermost name scope of its first (fused) name.
+
+    ``features.2/features.2.conv.0.0/Relu6;features.2/...;Const_98`` -> ``features.2.conv.0.0`` (the
+    PyTorch module path, see :mod:`edgetl.tf_graph`); ``features.3/add`` -> ``features.3``. The model's
+    output tensor carries the converter's name for the function result (``PartitionedCall:0``): "logits".
+    """
+    scopes = tensor.split(";")[0].split("/")
+    if len(scopes) == 1 and "PartitionedCall" in scopes[0]:
+        return "logits"
+    return scopes[-2] if len(scopes) > 1 else scopes[0]
+
+
 def worst_layers(csv_path: Path, top: int = 5) -> list[dict[str, Any]]:
     """The ``top`` layers with the largest RMSE / scale in a QuantizationDebugger dump."""
     rows = []
@@ -43,6 +56,7 @@ def worst_layers(csv_path: Path, top: int = 5) -> list[dict[str, Any]]:
                 continue
             if scale > 0 and math.isfinite(mse):
                 rows.append({
+                    "layer": layer_name(row.get("tensor_name", "")),
                     "op": row.get("op_name", ""),
                     "tensor": row.get("tensor_name", ""),
                     "rmse_over_scale": math.sqrt(mse) / scale,

@@ -1,14 +1,17 @@
-"""ONNX -> TensorFlow -> TFLite conversion, run in its own process by :mod:`edgetl.export`.
+"""TensorFlow -> TFLite conversion, run in its own process by :mod:`edgetl.export`.
 
 TensorFlow and onnx2tf are loud (C++ logs on file descriptor 2) and heavy; running them in a child
 process keeps the noise in ``export.log`` and TensorFlow out of the parent. Usage::
 
     python -m edgetl.tflite_convert JOB.json
 
-JOB.json: ``{"onnx": path or null, "workdir": path, "int8": bool, "int16x8": bool,
+JOB.json: ``{"graph": bool, "onnx": path or null, "workdir": path, "int8": bool, "int16x8": bool,
 "calibration": path-to-.npy, "output": file name, "diagnose": bool, "bias_correction": bool,
-"float_model": path of the float32 .tflite (default: workdir's)}``. Outputs in workdir: ``tf/``
-(SavedModel, reused when "onnx" is null), ``model_float32.tflite``, the quantised model(s) and,
+"float_model": path of the float32 .tflite (default: workdir's)}``. The float model comes from
+the workdir's ``graph.npz`` with "graph" (:mod:`edgetl.tf_graph`, the default route) or from "onnx"
+through onnx2tf (a SavedModel in ``tf/``); a job with neither re-quantises the float model of an
+earlier job.
+Outputs in workdir: ``model_float32.tflite``, the quantised model(s) and,
 with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line on
 stdout last: timings and, per quantised model, the bias correction applied.
 """
@@ -21,8 +24,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+# The direct route's float model (see edgetl.tf_graph), written by the export into the workdir.
+GRAPH = "graph.npz"
 # onnx2tf downloads this sample file unless it is in its working directory. edgetl never uses it
 # (int8 calibration is done below on the run's own images), so a small stand-in keeps it offline.
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -47,7 +54,20 @@ def run_onnx2tf(onnx_path: Path, workdir: Path) -> Path:
     return out
 
 
-def quantize(saved_model: Path, calibration: Path, mode: str) -> bytes:
+def converter_factory(workdir: Path) -> Callable[[], Any]:
+    """A function returning a fresh TFLiteConverter for the workdir's float model."""
+    import tensorflow as tf
+
+    graph = workdir / GRAPH
+    if graph.is_file():
+        from edgetl.tf_graph import build
+
+        function, owner = build(graph), tf.Module()
+        return lambda: tf.lite.TFLiteConverter.from_concrete_functions([function], owner)
+    return lambda: tf.lite.TFLiteConverter.from_saved_model(str(workdir / "tf"))
+
+
+def quantize(make_converter: Callable[[], Any], calibration: Path, mode: str) -> bytes:
     """Full-integer conversion calibrated on ``calibration`` (uint8 NHWC images).
 
     ``mode`` "int8": int8 weights and activations, uint8 input, int8 output.
@@ -68,7 +88,7 @@ def quantize(saved_model: Path, calibration: Path, mode: str) -> bytes:
         for image in images:
             yield [image[None].astype(np.float32)]
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter = make_converter()
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset
     if mode == "int8":
@@ -97,7 +117,7 @@ def correct_bias(model: bytes, float_model: str, calibration: Path) -> tuple[byt
         return model, {"skipped": str(exc)}
 
 
-def diagnose(saved_model: Path, calibration: Path, csv_path: Path) -> None:
+def diagnose(make_converter: Callable[[], Any], calibration: Path, csv_path: Path) -> None:
     """Per-layer float-vs-int8 error with TFLite's QuantizationDebugger, dumped as CSV."""
     import numpy as np
     import tensorflow as tf
@@ -108,7 +128,7 @@ def diagnose(saved_model: Path, calibration: Path, csv_path: Path) -> None:
         for image in images[:32]:
             yield [image[None].astype(np.float32)]
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter = make_converter()
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = dataset
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -128,13 +148,15 @@ def main(job_path: str) -> int:
         produced = saved_model / f"{Path(job['onnx']).stem}_float32.tflite"
         shutil.move(produced, workdir / "model_float32.tflite")
         timings["onnx2tf_s"] = time.perf_counter() - t0
-    else:
-        saved_model = workdir / "tf"  # a remedy re-quantises the SavedModel of an earlier job
+    make_converter = converter_factory(workdir)  # a remedy re-quantises the float model of an earlier job
+    if job.get("graph"):
+        (workdir / "model_float32.tflite").write_bytes(make_converter().convert())
+        timings["tflite_float_s"] = time.perf_counter() - t0
     corrections = {}
     for mode in ("int8", "int16x8"):
         if job.get(mode):
             t0 = time.perf_counter()
-            model = quantize(saved_model, Path(job["calibration"]), mode)
+            model = quantize(make_converter, Path(job["calibration"]), mode)
             timings[f"{mode}_s"] = time.perf_counter() - t0
             if job.get("bias_correction"):
                 t0 = time.perf_counter()
@@ -144,7 +166,7 @@ def main(job_path: str) -> int:
             (workdir / job.get("output", f"model_{mode}.tflite")).write_bytes(model)
     if job.get("diagnose"):
         t0 = time.perf_counter()
-        diagnose(saved_model, Path(job["calibration"]), workdir / "layer_stats.csv")
+        diagnose(make_converter, Path(job["calibration"]), workdir / "layer_stats.csv")
         timings["diagnose_s"] = time.perf_counter() - t0
     print(json.dumps({"timings": timings, "bias_correction": corrections}), flush=True)
     return 0

@@ -138,7 +138,7 @@ def exported_run(learned_run, tmp_path_factory, netguard_log):
     Parity is only meaningful on a model that learned something (the from-scratch toy model predicts
     nearly one class, so any int8 model "agrees" with it), hence the ImageNet-initialised run.
     """
-    pytest.importorskip("onnx2tf", reason="needs the export extra")
+    pytest.importorskip("tensorflow", reason="needs the export extra")
     from edgetl.export import ExportConfig, export
     from edgetl.parity import Thresholds
 

@@ -69,8 +69,9 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
     assert int8["output"]["dtype"] == "int8" and int8["output"]["scale"] > 0
     assert stage["calibration"]["recipe"]["name"] == "default"
     assert len(stage["calibration"]["sha256"]) == 64 and stage["calibration"]["count"] > 0
-    assert {"torch", "onnx2tf", "tensorflow", "ai-edge-litert"} <= set(stage["versions"])
-    assert stage["timings"]["onnx2tf_s"] > 0 and stage["parity_passed"] == result.parity.passed
+    assert {"torch", "tensorflow", "ai-edge-litert"} <= set(stage["versions"])
+    assert stage["converter"] == "direct" and "onnx2tf_s" not in stage["timings"]
+    assert stage["timings"]["tflite_float_s"] > 0 and stage["parity_passed"] == result.parity.passed
     assert not (run_dir / ".export-work").exists()
     weighted = sum(n for op, n in inspect_tflite(str(run_dir / "model_int8.tflite")).ops.items()
                    if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))  # fmt: skip
@@ -119,8 +120,9 @@ def test_check_command_json_and_exit_code(exported_run, tmp_path):
 
 
 def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run, tmp_path, netguard_log, monkeypatch):
-    """Calibrating on black images (without bias correction, which measured on them too rescues this
-    easy 4-class model) makes a useless int8 model: the gate must catch it."""
+    """Calibrating on blank white images (without bias correction, which measured on them too rescues
+    this easy 4-class model) makes a useless int8 model: the gate must catch it. (Black images no longer
+    do since the direct converter: they flipped no prediction of this model; grey and white do.)"""
     from PIL import Image
 
     copy_run(learned_run[1], tmp_path / "run")
@@ -129,7 +131,7 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     blank = tmp_path / "blank"
     blank.mkdir()
     for i in range(8):
-        Image.new("RGB", (40, 40), (0, 0, 0)).save(blank / f"{i}.png")
+        Image.new("RGB", (40, 40), (255, 255, 255)).save(blank / f"{i}.png")
     cli = CliRunner().invoke(main, ["-q", "export", str(run_dir), "--calib-dir", str(blank), "--no-bias-correction",
                                     "--json"])  # fmt: skip
     assert cli.exit_code == 3, cli.output
@@ -140,6 +142,11 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     remedies = {r["remedy"]: r for r in payload["remedies"]}
     assert remedies["diagnosis"]["worst_layers"], remedies["diagnosis"]
     assert remedies["diagnosis"]["worst_layers"][0]["rmse_over_scale"] > 0
+    # Layers are named by their PyTorch module path (the direct converter scopes the TF ops with it).
+    model, _ = load_checkpoint(run_dir)
+    modules = {name.removeprefix("net.") for name, _ in model.named_modules()} | {"normalize", "pool", "logits"}
+    worst = [w["layer"] for w in remedies["diagnosis"]["worst_layers"]]
+    assert set(worst) <= modules, worst
     assert any(name.startswith("16-bit") for name in remedies)
     manifest = read_manifest(run_dir)
     assert manifest["stages"]["check"]["artifacts"]["model_int8.tflite"]["passed"] is False
@@ -148,6 +155,7 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     report = json.loads((run_dir / "parity.json").read_text())
     assert [r["remedy"] for r in report["int8_remedies"]][0] == "diagnosis"
     assert "## int8 diagnosis and remedies" in (run_dir / "parity.md").read_text()
+    assert f"`{worst[0]}`" in (run_dir / "parity.md").read_text()
 
     # Packaging refuses the failing int8 model (exit 3) unless forced, and a forced bundle says so.
     target = tmp_path / "t64.toml"
