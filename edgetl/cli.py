@@ -255,6 +255,11 @@ def export(run_dir: str, int8: bool | None, target: str | None, calib: str | Non
     text += [f"remedy: {r['remedy']}: {'pass' if r.get('passed') else 'fail'}" for r in result.remedies
              if "passed" in r]  # fmt: skip
     text.append(f"time: {result.timings['total_s']:.0f}s; report: {run_dir}/parity.md")
+    int8 = result.parity.artifacts.get("model_int8.tflite")
+    if int8 is not None and not int8["passed"]:
+        from edgetl.parity import QAT_NEXT_STEP
+
+        text.append(f"next: {QAT_NEXT_STEP.format(run=run_dir.rstrip('/'))}".replace("`", ""))
     _emit(as_json, result.to_dict(), "\n".join(text))
     if not result.parity.passed:
         sys.exit(int(ExitCode.PARITY_FAILED))
@@ -272,6 +277,34 @@ def _thresholds(max_drop: float | None, min_agreement: float | None) -> Any:
     if thresholds.max_drop < 0 or not 0 <= thresholds.min_agreement <= 1:
         raise ConfigError("--max-drop must be >= 0 and --min-agreement within 0..1")
     return thresholds
+
+
+@main.command("qat")
+@click.argument("run_dir", type=click.Path(path_type=str))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="The new run directory.")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Epochs with simulated int8.")
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="AdamW learning rate (cosine to 0).")
+@click.option("--calib", default="default", show_default=True,
+              help="Calibration recipe for the simulated activation ranges (use the export's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, as_json: bool) -> None:
+    """Quantisation-aware fine-tuning: RUN_DIR's model, trained a few epochs with simulated int8, as a new run.
+
+    For an int8 model that fails parity. Export the new run as usual; RUN_DIR is not changed.
+    """
+    require("torch", "train")
+    from edgetl.qat import QATConfig, quantization_aware_finetune
+
+    record = quantization_aware_finetune(run_dir, out_dir, QATConfig(epochs=epochs, lr=lr, calib=calib))
+
+    def line(row: dict) -> str:
+        sim = row["simulated_int8"]
+        return (f"float top-1 {100 * row['float']['top1']:.2f}%, simulated int8 top-1 {100 * sim['top1']:.2f}% "
+                f"(agreement with the original float model {100 * sim['agreement']:.2f}%)")  # fmt: skip
+
+    text = [f"before: {line(record['before'])}", f"after:  {line(record['after'])}",
+            f"new run: {out_dir} ({record['seconds']:.0f}s); next: edgetl export {out_dir}"]  # fmt: skip
+    _emit(as_json, {"run_dir": out_dir, **record}, "\n".join(text))
 
 
 @main.command("check")

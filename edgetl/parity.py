@@ -267,6 +267,11 @@ def write_report(run_dir: Path, report: ParityReport, classes: list[str]) -> Non
     )
 
 
+# Said wherever an int8 model failed and the automatic remedies could not make it pass.
+QAT_NEXT_STEP = ("For an int8 model that passes: quantisation-aware fine-tuning, `edgetl qat {run} --out {run}-qat`, "
+                 "then `edgetl export {run}-qat`")  # fmt: skip
+
+
 def record_remedies(run_dir: Path, remedies: list[dict[str, Any]]) -> None:
     """Add the int8 diagnosis and remedy attempts to parity.json / parity.md (and their hashes)."""
     import json
@@ -292,6 +297,7 @@ def record_remedies(run_dir: Path, remedies: list[dict[str, Any]]) -> None:
                 f"- {attempt['remedy']}: top-1 {100 * attempt['top1']:.2f}%, Δ {attempt['delta_top1_pp']:+.2f} pp, "
                 f"agreement {100 * attempt['agreement']:.2f}% — {'pass' if attempt['passed'] else 'fail'}"
             )
+    lines += ["", f"{QAT_NEXT_STEP.format(run=run_dir)}."]
     atomic_write(run_dir / "parity.md", (run_dir / "parity.md").read_text() + "\n".join(lines) + "\n")
     manifest_check = read_manifest(run_dir)["stages"]["check"]
     update_manifest(run_dir, "check", ["parity.json", "parity.md"], manifest_check)

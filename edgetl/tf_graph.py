@@ -31,32 +31,24 @@ class UnsupportedModel(Exception):
     """The model has a module the direct converter does not translate."""
 
 
-def graph_spec(model: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Walk an :class:`~edgetl.model.EdgeClassifier` (eval mode) into layer records and arrays."""
+def walk(model: Any) -> list[dict[str, Any]]:
+    """The layers of an :class:`~edgetl.model.EdgeClassifier`, in order, as records holding its modules.
+
+    ``{"op": "normalize"}``, ``{"op": "conv", "conv": Conv2d, "bn": BatchNorm2d | None, "act": ...}``,
+    ``{"op": "block", "residual": bool, "layers": [...]}``, ``{"op": "mean"}``, ``{"op": "dense",
+    "linear": Linear}``, each with a "name" (the module path). Shared by :func:`graph_spec` and the
+    quantisation simulation of :mod:`edgetl.qat`, so both see the same graph.
+    """
     import torch
     from torchvision.models import MobileNetV2
+    from torchvision.models.mobilenetv2 import InvertedResidual
 
     if type(model.net) is not MobileNetV2:
         raise UnsupportedModel(f"expected torchvision's MobileNetV2, got {type(model.net).__name__}")
-    arrays: dict[str, np.ndarray] = {}
     # PyTorch's module paths name the TF ops, hence the TFLite tensors in diagnoses and compiler logs.
     names = {module: name.removeprefix("net.") for name, module in model.named_modules()}
 
-    def array(value: np.ndarray) -> str:
-        name = f"a{len(arrays)}"
-        arrays[name] = np.ascontiguousarray(value, dtype=np.float32)
-        return name
-
-    def f64(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().cpu().double().numpy()
-
     def conv(module: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None) -> dict[str, Any]:
-        weight = f64(module.weight)  # [out, in / groups, kh, kw]
-        bias = f64(module.bias) if module.bias is not None else np.zeros(weight.shape[0])
-        if bn is not None:
-            scale = f64(bn.weight) / np.sqrt(f64(bn.running_var) + bn.eps)
-            weight = weight * scale[:, None, None, None]
-            bias = (bias - f64(bn.running_mean)) * scale + f64(bn.bias)
         stride, pad = module.stride, module.padding
         if (
             stride[0] != stride[1] or not isinstance(pad, tuple) or pad[0] != pad[1]
@@ -66,14 +58,10 @@ def graph_spec(model: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         depthwise = module.groups > 1
         if depthwise and not (module.groups == module.in_channels == module.out_channels):
             raise UnsupportedModel(f"a grouped Conv2d with {module.groups} groups")
-        # TF layouts: HWIO for a convolution, [kh, kw, channels, 1] for a depthwise one.
-        tf_weight = weight.transpose(2, 3, 0, 1) if depthwise else weight.transpose(2, 3, 1, 0)
-        return {"op": "conv", "name": names[module], "w": array(tf_weight), "b": array(bias), "stride": stride[0],
-                "pad": pad[0], "depthwise": depthwise, "act": None}  # fmt: skip
+        return {"op": "conv", "name": names[module], "conv": module, "bn": bn, "stride": stride[0], "pad": pad[0],
+                "depthwise": depthwise, "act": None}  # fmt: skip
 
     def sequence(modules: Any) -> list[dict[str, Any]]:
-        from torchvision.models.mobilenetv2 import InvertedResidual
-
         layers: list[dict[str, Any]] = []
         items = list(modules)
         i = 0
@@ -94,19 +82,59 @@ def graph_spec(model: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             elif isinstance(module, torch.nn.Sequential):  # Conv2dNormActivation
                 layers.extend(sequence(module))
             elif isinstance(module, torch.nn.Linear):
-                layers.append({"op": "dense", "name": names[module], "w": array(f64(module.weight).T),
-                               "b": array(f64(module.bias))})  # fmt: skip
+                layers.append({"op": "dense", "name": names[module], "linear": module})
             elif not isinstance(module, (torch.nn.Dropout, torch.nn.Identity)):  # identities in eval mode
                 raise UnsupportedModel(f"a {type(module).__name__} module")
             i += 1
         return layers
 
-    mean, std = f64(model.mean).reshape(-1), f64(model.std).reshape(-1)
-    layers = [{"op": "normalize", "name": "normalize", "scale": array(1.0 / std), "offset": array(-mean / std)}]
-    layers += sequence(model.net.features)
+    layers = [{"op": "normalize", "name": "normalize"}, *sequence(model.net.features)]
     layers.append({"op": "mean", "name": "pool"})  # MobileNetV2.forward: adaptive_avg_pool2d to 1x1, flatten
-    layers += sequence(model.net.classifier)
-    return {"layers": layers}, arrays
+    return layers + sequence(model.net.classifier)
+
+
+def fold(conv: Any, bn: Any, dtype: Any = None) -> tuple[Any, Any]:
+    """Weight and bias of ``conv`` followed by ``bn`` in eval mode (torch tensors, differentiable)."""
+    import torch
+
+    weight = conv.weight if dtype is None else conv.weight.to(dtype)
+    bias = torch.zeros_like(weight[:, 0, 0, 0]) if conv.bias is None else conv.bias.to(weight.dtype)
+    if bn is None:
+        return weight, bias
+    gamma, beta, mean, var = (t.to(weight.dtype) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return weight * scale[:, None, None, None], (bias - mean) * scale + beta
+
+
+def graph_spec(model: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Walk an :class:`~edgetl.model.EdgeClassifier` (eval mode) into layer records and arrays."""
+    import torch
+
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(value: Any) -> str:
+        name = f"a{len(arrays)}"
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        arrays[name] = np.ascontiguousarray(value, dtype=np.float32)
+        return name
+
+    def record(layer: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in layer.items() if k not in ("conv", "bn", "linear", "layers")}
+        if layer["op"] == "conv":
+            weight, bias = fold(layer["conv"], layer["bn"], torch.float64)  # [out, in / groups, kh, kw]
+            # TF layouts: HWIO for a convolution, [kh, kw, channels, 1] for a depthwise one.
+            out["w"] = array(weight.permute(2, 3, 0, 1) if layer["depthwise"] else weight.permute(2, 3, 1, 0))
+            out["b"] = array(bias)
+        elif layer["op"] == "dense":
+            out["w"], out["b"] = array(layer["linear"].weight.double().T), array(layer["linear"].bias.double())
+        elif layer["op"] == "block":
+            out["layers"] = [record(inner) for inner in layer["layers"]]
+        elif layer["op"] == "normalize":
+            mean, std = model.mean.double().reshape(-1), model.std.double().reshape(-1)
+            out["scale"], out["offset"] = array(1.0 / std), array(-mean / std)
+        return out
+
+    return {"layers": [record(layer) for layer in walk(model)]}, arrays
 
 
 def save_graph(model: Any, image_size: int, path: Path) -> None:

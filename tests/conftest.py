@@ -124,6 +124,23 @@ def netguard_log(tmp_path_factory) -> Path:
             os.environ[key] = value
 
 
+def mobilenet_with_real_bn_statistics(width: float = 0.35, num_classes: int = 3):
+    """A small untrained EdgeClassifier whose BatchNorms are not identities (and whose logits are not ~0)."""
+    import torch
+
+    from edgetl.model import EdgeClassifier
+
+    torch.manual_seed(0)
+    model = EdgeClassifier(num_classes=num_classes, width=width).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.05, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
 def copy_run(run_dir: Path, dest: Path) -> Path:
     import shutil
 

@@ -156,6 +156,7 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     assert [r["remedy"] for r in report["int8_remedies"]][0] == "diagnosis"
     assert "## int8 diagnosis and remedies" in (run_dir / "parity.md").read_text()
     assert f"`{worst[0]}`" in (run_dir / "parity.md").read_text()
+    assert "`edgetl qat run --out run-qat`" in (run_dir / "parity.md").read_text()  # the next step is named
 
     # Packaging refuses the failing int8 model (exit 3) unless forced, and a forced bundle says so.
     target = tmp_path / "t64.toml"

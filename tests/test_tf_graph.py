@@ -8,27 +8,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import copy_run
+from conftest import copy_run, mobilenet_with_real_bn_statistics
 
 from edgetl.artifacts import read_manifest
 from edgetl.cli import main
-from edgetl.model import EdgeClassifier
 from edgetl.parity import runner_for
 from edgetl.tf_graph import UnsupportedModel, _padding, build, graph_spec, save_graph
 
 tf = pytest.importorskip("tensorflow", reason="needs the export extra")
-
-
-def _model_with_real_bn_statistics(width: float = 0.35) -> EdgeClassifier:
-    torch.manual_seed(0)
-    model = EdgeClassifier(num_classes=3, width=width).eval()
-    for module in model.modules():  # fresh BatchNorms are identities: make the folding matter
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.05, 2)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.5, 0.5)
-    return model
 
 
 def test_padding_follows_pytorch_not_tf_same():
@@ -41,7 +28,7 @@ def test_padding_follows_pytorch_not_tf_same():
 @pytest.mark.parametrize("size", [64, 71])
 def test_rebuilt_graph_matches_pytorch(tmp_path, size):
     """Folded BatchNorms, odd and even sizes at every stride-2 layer, residuals, the head: within 1e-4."""
-    model = _model_with_real_bn_statistics()
+    model = mobilenet_with_real_bn_statistics()
     pixels = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
     with torch.no_grad():
         reference = model(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
@@ -53,7 +40,7 @@ def test_rebuilt_graph_matches_pytorch(tmp_path, size):
 
 
 def test_graph_spec_mirrors_mobilenet_v2():
-    spec, arrays = graph_spec(_model_with_real_bn_statistics())
+    spec, arrays = graph_spec(mobilenet_with_real_bn_statistics())
     layers = spec["layers"]
     assert [layer["op"] for layer in layers[:2]] == ["normalize", "conv"]
     blocks = [layer for layer in layers if layer["op"] == "block"]
@@ -65,7 +52,7 @@ def test_graph_spec_mirrors_mobilenet_v2():
 
 
 def test_unknown_module_is_named():
-    model = _model_with_real_bn_statistics()
+    model = mobilenet_with_real_bn_statistics()
     model.net.features[3].conv[0][2] = torch.nn.Hardswish()
     with pytest.raises(UnsupportedModel, match="Hardswish"):
         graph_spec(model)

@@ -1,0 +1,244 @@
+"""Quantisation-aware fine-tuning (QAT) of a finished run, for int8 models that fail parity.
+
+Post-training quantisation rounds every weight and activation of the float model once. A fine-tuned
+MobileNetV2 can be ill-conditioned for that: a frozen ImageNet BatchNorm with a tiny running variance
+folds into weights a hundred times larger than their neighbours', and the int8 rounding of that
+layer's input becomes noise that flips low-margin predictions (see
+``benchmarks/int8_layer_sensitivity.py``). QAT fine-tunes the float weights for a few epochs while
+the forward pass *simulates the int8 model the export will build*, so training learns to live with
+the rounding:
+
+* the same graph as the TFLite conversion (:func:`edgetl.tf_graph.walk`): BatchNorms folded into
+  their convolutions (frozen statistics), then per-output-channel symmetric int8 weights
+  (scale = max|w| / 127), as TFLiteConverter quantises convolutions and the classifier;
+* every tensor TFLite stores in int8 — the normalised input, each convolution's output (after its
+  ReLU6), each residual sum, the pooled features, the logits — fake-quantised per tensor with an
+  asymmetric 8-bit range measured as TFLite calibrates: min/max of the float model over the
+  calibration recipe's images, re-measured before every epoch;
+* the gradient passes the rounding unchanged (straight-through estimator, ``torch.fake_quantize_*``).
+
+The result is a new run directory (the original is not touched) whose ``model.pt`` holds the
+fine-tuned float weights; ``edgetl export`` then quantises it as usual and the parity check compares
+its int8 model with *this* float model. ``qat.json`` records the float top-1 before and after and the
+simulated int8 top-1 and agreement of every epoch, so a user sees what QAT cost or gained in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig:
+    epochs: int = 2
+    lr: float = 1e-5  # AdamW, every layer, cosine decay to 0 over the epochs
+    calib: str = "default"  # recipe for the activation ranges (the export's default too)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("qat: --epochs must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError("qat: --lr must be > 0")
+
+
+def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 (-127..127) weights per output channel, as TFLiteConverter quantises convolutions
+    and (TF 2.19) fully connected layers."""
+    dims = tuple(range(1, weight.dim()))
+    scale = (weight.detach().abs().amax(dim=dims).clamp(min=1e-12) / 127).float()
+    zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -127, 127)
+
+
+class QuantSim(nn.Module):
+    """The int8 TFLite model of an :class:`~edgetl.model.EdgeClassifier`, simulated in float.
+
+    Input: float pixels 0..255, NCHW (the model's own input). ``calibrate`` measures the activation
+    ranges; until then, and while it runs, the forward pass is the plain float model (folded).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from edgetl.tf_graph import walk
+
+        self.model = model
+        self.layers = walk(model)
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self.observing = True
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run(pixels, self.layers)
+
+    @torch.no_grad()
+    def calibrate(self, images: np.ndarray, batch_size: int = 32) -> None:
+        """min/max of every int8 tensor over ``images`` (uint8 NHWC) through the float model."""
+        self.ranges, self.observing = {}, True
+        try:
+            for start in range(0, len(images), batch_size):
+                self(torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).float())
+        finally:
+            self.observing = False
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return np.concatenate([
+            self(torch.from_numpy(images[s : s + batch_size]).permute(0, 3, 1, 2).float()).numpy()
+            for s in range(0, len(images), batch_size)
+        ])  # fmt: skip
+
+    def _act(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            low, high = float(x.min()), float(x.max())
+            if name in self.ranges:
+                low, high = min(low, self.ranges[name][0]), max(high, self.ranges[name][1])
+            self.ranges[name] = (low, high)
+            return x
+        low, high = self.ranges[name]
+        low, high = min(low, 0.0), max(high, 0.0)  # zero is always exactly representable
+        scale = max((high - low) / 255.0, 1e-8)
+        zero_point = int(min(127, max(-128, round(-128 - low / scale))))
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
+
+    def _conv(self, x: torch.Tensor, layer: dict[str, Any]) -> torch.Tensor:
+        from edgetl.tf_graph import fold
+
+        conv = layer["conv"]
+        weight, bias = fold(conv, layer["bn"])
+        if not self.observing:
+            weight = _fake_quant_weight(weight)
+        x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if layer["act"] == "relu6":
+            x = F.relu6(x)
+        elif layer["act"] == "relu":
+            x = F.relu(x)
+        return self._act(layer["name"], x)
+
+    def _run(self, x: torch.Tensor, layers: list[dict[str, Any]]) -> torch.Tensor:
+        model = self.model
+        for layer in layers:
+            op, name = layer["op"], layer["name"]
+            if op == "normalize":  # as in the TF graph: x * (1 / std) + (-mean / std), two int8 tensors
+                x = self._act(f"{name}/mul", x * (1.0 / model.std))
+                x = self._act(f"{name}/add", x - model.mean / model.std)
+            elif op == "conv":
+                x = self._conv(x, layer)
+            elif op == "block":
+                y = self._run(x, layer["layers"])
+                x = self._act(f"{name}/add", x + y) if layer["residual"] else y
+            elif op == "mean":
+                x = self._act(name, x.mean(dim=(2, 3)))
+            elif op == "dense":
+                linear = layer["linear"]
+                weight = linear.weight if self.observing else _fake_quant_weight(linear.weight)
+                x = self._act(name, F.linear(x, weight, linear.bias))
+        return x
+
+
+def _metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    predicted = logits.argmax(1)
+    return {"top1": float((predicted == labels).mean()), "agreement": float((predicted == reference.argmax(1)).mean())}
+
+
+def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: QATConfig = QATConfig()) -> dict:
+    """Fine-tune ``run_dir``'s model with simulated int8 into a new run ``out_dir``; return the record.
+
+    Raises:
+        ConfigError: bad settings, or ``out_dir`` already exists.
+        RunDirError, DataError: as :func:`edgetl.export.export` (no run, changed data, leakage).
+    """
+    from edgetl.artifacts import atomic_path, read_manifest, update_manifest, write_json
+    from edgetl.calib import calibration_set, load_recipe
+    from edgetl.config import FinetuneConfig
+    from edgetl.data import load_split
+    from edgetl.parity import evaluation_set
+    from edgetl.prequant import equalize
+    from edgetl.runtime.preprocess import PreprocessSpec
+    from edgetl.train import load_checkpoint, predict_logits, train_one_epoch
+
+    cfg.validate()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists", hint="choose a new --out folder for the QAT run")
+    started = time.perf_counter()
+    model, checkpoint = load_checkpoint(run_dir)
+    manifest = read_manifest(run_dir)
+    spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
+    # BatchNorm statistics stay frozen: the simulation folds them as the export will.
+    train_cfg = dataclasses.replace(FinetuneConfig.build(checkpoint["config"]), bn="frozen")
+    val, _, _, splits = evaluation_set(run_dir, manifest, None)
+    guard = list(val.paths) + [str(s.path) for s in splits.test]
+    calibration = calibration_set(splits, spec, load_recipe(cfg.calib), guard_paths=guard)
+    train = load_split(splits.train, spec.resize_size, spec, eval_crop=False, workers=train_cfg.decode_workers)
+    cpu = torch.device("cpu")
+
+    original = predict_logits(model, val.images, cpu)
+    equalization = equalize(model, calibration.images)  # what the export does first; exact in float
+    sim = QuantSim(model)
+    history = []
+
+    def evaluate(epoch: int, train_stats: dict[str, float] | None) -> None:
+        sim.calibrate(calibration.images)
+        row = {"epoch": epoch, "float": _metrics(predict_logits(model, val.images, cpu), val.labels, original),
+               "simulated_int8": _metrics(sim.predict(val.images), val.labels, original)}  # fmt: skip
+        if train_stats:
+            row["train_loss"], row["seconds"] = train_stats["train_loss"], train_stats["seconds"]
+        history.append(row)
+        log.info("qat epoch %d: float top-1 %.2f%% | simulated int8 top-1 %.2f%%, agreement with the original "
+                 "float model %.2f%%", epoch, 100 * row["float"]["top1"], 100 * row["simulated_int8"]["top1"],
+                 100 * row["simulated_int8"]["agreement"])  # fmt: skip
+
+    evaluate(0, None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=train_cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(train.labels) / train_cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    train_on_device = torch.from_numpy(train.images)
+    for epoch in range(cfg.epochs):
+        sim.calibrate(calibration.images)  # ranges of the weights as they are now, as the export will see them
+        stats = train_one_epoch(model, train, train_on_device, train_cfg, 2, 0, optimizer, scheduler, cpu,
+                                10_000 + epoch, f"qat epoch {epoch + 1}/{cfg.epochs}", forward=sim)  # fmt: skip
+        evaluate(epoch + 1, stats)
+    model.eval()
+
+    # The new run: the fine-tuning record of the original, this model, and the QAT record.
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    kept = [name for name, entry in manifest["files"].items() if entry.get("stage") == "finetune"]
+    for name in kept:
+        if name != "model.pt":
+            shutil.copy2(run_dir / name, tmp_dir / name)
+    manifest["files"] = {name: manifest["files"][name] for name in kept}
+    manifest["stages"] = {"finetune": manifest["stages"]["finetune"]}
+    write_json(tmp_dir / "manifest.json", manifest)
+    with atomic_path(tmp_dir / "model.pt") as path:
+        torch.save({**checkpoint, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+                   path)  # fmt: skip
+    record = {
+        "source_run": str(run_dir.resolve()),
+        "config": dataclasses.asdict(cfg),
+        "calibration": calibration.description,
+        "equalization": equalization,
+        "history": history,
+        "before": history[0],
+        "after": history[-1],
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(tmp_dir / "qat.json", record)
+    update_manifest(tmp_dir, "qat", ["model.pt", "qat.json"], record)
+    tmp_dir.rename(out_dir)
+    return record

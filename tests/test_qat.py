@@ -1,0 +1,103 @@
+"""Quantisation-aware fine-tuning: the int8 simulation, the `qat` command and its new run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import copy_run, mobilenet_with_real_bn_statistics
+
+from edgetl.artifacts import read_manifest, sha256_file, verify_files
+from edgetl.calib import calibration_set, load_recipe
+from edgetl.cli import main
+from edgetl.parity import evaluation_set, runner_for
+from edgetl.prequant import equalize
+from edgetl.qat import QuantSim, _fake_quant_weight
+from edgetl.runtime.preprocess import PreprocessSpec
+from edgetl.train import load_checkpoint, predict_logits
+
+
+def test_weight_fake_quant_is_tflite_symmetric_int8_per_channel():
+    weight = torch.tensor([[1.0, -0.5, 0.26], [0.02, 0.01, -0.00007]]).view(2, 3, 1, 1)
+    quantised = _fake_quant_weight(weight)
+    steps = quantised / (weight.abs().amax(dim=(1, 2, 3), keepdim=True) / 127)
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() == pytest.approx(127)
+    assert quantised[1].abs().max() == pytest.approx(0.02)  # a small channel keeps its own scale
+    assert quantised[1, 2].item() == 0.0  # below half a step (0.5 * 0.02 / 127): rounds to zero
+    assert quantised[0, 2].item() == pytest.approx(33 / 127)  # 0.26 * 127 = 33.02 -> 33 steps
+
+
+def test_simulation_is_float_until_calibrated_then_int8_like():
+    model = mobilenet_with_real_bn_statistics()
+    sim = QuantSim(model)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    float_logits = predict_logits(model, pixels, torch.device("cpu"))
+    assert np.abs(sim.predict(pixels) - float_logits).max() < 1e-4  # folding is exact
+    sim.calibrate(pixels)
+    assert not sim.observing and "normalize/add" in sim.ranges and "features.3/add" in sim.ranges
+    assert all(low <= high for low, high in sim.ranges.values())
+    quantised = sim.predict(pixels)
+    error = np.abs(quantised - float_logits).max()
+    assert 0 < error < 0.2 * np.abs(float_logits).max(), (error, np.abs(float_logits).max())
+
+
+@pytest.mark.slow
+def test_simulation_tracks_the_exported_int8_model(learned_run, tmp_path):
+    """The simulated int8 logits are much closer to the real TFLite int8 model's than the float logits
+    are (export without bias correction, which the simulation leaves to training)."""
+    from edgetl.export import ExportConfig, export
+    from edgetl.parity import Thresholds
+
+    run_dir = copy_run(learned_run[1], tmp_path / "run")
+    export(run_dir, ExportConfig(bias_correction=False, remedies=False, thresholds=Thresholds(100.0, 0.0)))
+    model, checkpoint = load_checkpoint(run_dir)
+    val, _, _, splits = evaluation_set(run_dir, read_manifest(run_dir), None)
+    calibration = calibration_set(splits, PreprocessSpec.from_dict(checkpoint["preprocess"]), load_recipe("default"))
+    float_logits = predict_logits(model, val.images, torch.device("cpu"))
+    equalize(model, calibration.images)  # as the export did
+    sim = QuantSim(model)
+    sim.calibrate(calibration.images)
+    simulated = sim.predict(val.images)
+    real = runner_for(run_dir / "model_int8.tflite")(val.images)
+    assert np.abs(simulated - real).mean() < 0.5 * np.abs(float_logits - real).mean()
+
+
+@pytest.mark.slow
+def test_qat_makes_a_new_run_that_exports(learned_run, tmp_path, netguard_log):
+    source = copy_run(learned_run[1], tmp_path / "run")
+    before = sha256_file(source / "model.pt")
+    out = tmp_path / "qat"
+    cli = CliRunner().invoke(main, ["-q", "qat", str(source), "--out", str(out), "--epochs", "1", "--json"])
+    assert cli.exit_code == 0, cli.output
+    record = json.loads(cli.stdout)
+    assert [row["epoch"] for row in record["history"]] == [0, 1]
+    assert record["after"]["seconds"] > 0 and 0 <= record["after"]["simulated_int8"]["agreement"] <= 1
+    assert sha256_file(source / "model.pt") == before  # the original run is untouched
+    manifest = read_manifest(out)
+    assert set(manifest["stages"]) == {"finetune", "qat"} and verify_files(out, manifest) == []
+    assert manifest["files"]["model.pt"]["stage"] == "qat"
+    trained, _ = load_checkpoint(out)
+    original, _ = load_checkpoint(source)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert any(k.startswith("net.features.") for k in changed)  # the backbone was fine-tuned too
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left
+
+    exported = CliRunner().invoke(main, ["-q", "export", str(out), "--no-remedies", "--json"])
+    assert exported.exit_code in (0, 3), exported.output
+    assert "model_int8.tflite" in json.loads(exported.stdout)["parity"]
+    assert not netguard_log.exists() or netguard_log.read_text() == ""
+
+
+def test_qat_bad_input_is_one_line(learned_run, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    for args, words in ((["--out", str(taken)], "already exists"), (["--out", str(tmp_path / "n"), "--epochs", "0"],
+                                                                    "--epochs must be >= 1")):  # fmt: skip
+        result = CliRunner().invoke(main, ["qat", str(learned_run[1]), *args])
+        assert result.exit_code != 0 and words in result.stderr, result.output
+        assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+    missing = CliRunner().invoke(main, ["qat", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
+    assert missing.exit_code != 0 and "model.pt" in missing.stderr
