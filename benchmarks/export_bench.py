@@ -1,12 +1,16 @@
 """Export cost, model sizes, int8 parity and LiteRT latency for the full MobileNetV2 (width 1.0, 224).
 
-Takes a finished fine-tuning run (by default the sign-language run kept by
-``finetune_accuracy.py --keep /work/bench-runs``), exports a copy of it with the default calibration
+Takes a finished fine-tuning run -- the sign-language run with edgetl's defaults::
+
+    edgetl finetune ../shared/data/sign_language_digits/Dataset --out /work/runs/sl_default \
+        --weights ../shared/weights/mobilenet_v2_imagenet_features.pth
+
+-- exports a copy of it with the default calibration
 recipe while timing every step (ONNX, float32 TFLite, int8, parity on the validation split), then
 measures single-image invoke latency of the float32 and int8 models and of the third-party Coral
 int8 MobileNetV2 at 1 and 2 threads, all in one process. Writes ``results/export_bench_<tag>.{json,md}``.
 
-    python benchmarks/export_bench.py [--run DIR] [--runs 50]
+    python benchmarks/export_bench.py [--run DIR] [--runs 50] [--converter direct|onnx2tf]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ CORAL = SHARED / "models" / "coral_mobilenet_v2" / "mobilenet_v2_1.0_224_quant.t
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="/work/bench-runs/sign_language_cpu_imagenet")
+    parser.add_argument("--run", default="/work/runs/sl_default")
     parser.add_argument("--runs", type=int, default=50, help="timed invokes per model and thread count")
     parser.add_argument("--tag", default="sign_language_cpu")
     parser.add_argument("--keep", default=None, help="keep the exported copy of the run in this folder")

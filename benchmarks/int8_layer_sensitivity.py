@@ -12,7 +12,7 @@ and the folded weight statistics of the worst layer (largest |w| against the med
 This is the diagnosis behind edgetl's bias correction and linear-bottleneck equalisation; it needs
 only torch. Writes ``results/int8_layer_sensitivity_<tag>.{json,md}``.
 
-    python benchmarks/int8_layer_sensitivity.py [--run /work/bench-runs/sign_language_cpu_imagenet]
+    python benchmarks/int8_layer_sensitivity.py [--run /work/runs/sl_default]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def quantised_weight(conv, bn):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="/work/bench-runs/sign_language_cpu_imagenet")
+    parser.add_argument("--run", default="/work/runs/sl_default")
     parser.add_argument("--tag", default="sign_language")
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args()

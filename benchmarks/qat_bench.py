@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--run", required=True)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--consistency", type=float, default=0.0)
     parser.add_argument("--tag", default="sign_language")
     parser.add_argument("--keep", default=None, help="keep the exported copies in this folder")
     args = parser.parse_args()
@@ -52,7 +53,8 @@ def main() -> int:
         shutil.copytree(run, ptq, ignore=skip)
         before = export(ptq, cfg)
         t0 = time.perf_counter()
-        record = quantization_aware_finetune(ptq, qat, QATConfig(epochs=args.epochs, lr=args.lr))
+        settings = QATConfig(epochs=args.epochs, lr=args.lr, consistency=args.consistency)
+        record = quantization_aware_finetune(ptq, qat, settings)
         qat_seconds = time.perf_counter() - t0
         after = export(qat, cfg)
 
@@ -82,7 +84,8 @@ def main() -> int:
         f"Machine: {info['cpu']}, {info['cpus']} CPUs. One run each; edgetl export defaults (direct converter,",
         "equalisation, bias correction, default calibration recipe), no remedies.",
         "Targets (issue #3): Δ ≤ 0.5 pp, agreement ≥ 99 %.",
-        f"QAT: {args.epochs} epochs, AdamW lr {args.lr:g} with cosine decay, {qat_seconds:.0f} s on this machine.",
+        f"QAT: {args.epochs} epochs, AdamW lr {args.lr:g} with cosine decay, consistency weight {args.consistency:g}, "
+        f"{qat_seconds:.0f} s on this machine.",
         "",
         "| model | float top-1 | int8 top-1 | Δtop-1 (pp) vs own float | agreement vs own float | "
         "agreement vs original float | gate |",
@@ -97,7 +100,8 @@ def main() -> int:
     lines += [f"- epoch {h['epoch']}: float top-1 {100 * h['float']['top1']:.2f}%, simulated int8 top-1 "
               f"{100 * h['simulated_int8']['top1']:.2f}%, agreement {100 * h['simulated_int8']['agreement']:.2f}%"
               for h in record["history"]]  # fmt: skip
-    payload = {"machine": info, "run": str(run), "epochs": args.epochs, "lr": args.lr, "qat_seconds": qat_seconds,
+    payload = {"machine": info, "run": str(run), "epochs": args.epochs, "lr": args.lr,
+               "consistency": args.consistency, "qat_seconds": qat_seconds,
                "rows": rows, "qat_history": record["history"], "validation": description}  # fmt: skip
     write_result(f"qat_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     return 0

@@ -286,8 +286,11 @@ def _thresholds(max_drop: float | None, min_agreement: float | None) -> Any:
 @click.option("--lr", type=float, default=1e-5, show_default=True, help="AdamW learning rate (cosine to 0).")
 @click.option("--calib", default="default", show_default=True,
               help="Calibration recipe for the simulated activation ranges (use the export's).")
+@click.option("--consistency", type=float, default=0.0, show_default=True,
+              help="Weight of the int8-vs-float agreement (KL) term in the loss; 0 = labels only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, as_json: bool) -> None:
+def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, consistency: float,
+                as_json: bool) -> None:
     """Quantisation-aware fine-tuning: RUN_DIR's model, trained a few epochs with simulated int8, as a new run.
 
     For an int8 model that fails parity. Export the new run as usual; RUN_DIR is not changed.
@@ -295,7 +298,8 @@ def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, 
     require("torch", "train")
     from edgetl.qat import QATConfig, quantization_aware_finetune
 
-    record = quantization_aware_finetune(run_dir, out_dir, QATConfig(epochs=epochs, lr=lr, calib=calib))
+    settings = QATConfig(epochs=epochs, lr=lr, calib=calib, consistency=consistency)
+    record = quantization_aware_finetune(run_dir, out_dir, settings)
 
     def line(row: dict) -> str:
         sim = row["simulated_int8"]

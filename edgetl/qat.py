@@ -15,7 +15,11 @@ the rounding:
   ReLU6), each residual sum, the pooled features, the logits — fake-quantised per tensor with an
   asymmetric 8-bit range measured as TFLite calibrates: min/max of the float model over the
   calibration recipe's images, re-measured before every epoch;
-* the gradient passes the rounding unchanged (straight-through estimator, ``torch.fake_quantize_*``).
+* the gradient passes the rounding unchanged (straight-through estimator, ``torch.fake_quantize_*``);
+* the loss is the labels' cross-entropy of the simulated int8 logits. ``consistency`` > 0 adds the KL
+  divergence of those predictions from the same weights' float predictions (the parity gate measures
+  agreement); on the sign-language run it did worse than labels alone (see
+  ``benchmarks/results/qat_bench_sign_language*.md``), hence off by default.
 
 The result is a new run directory (the original is not touched) whose ``model.pt`` holds the
 fine-tuned float weights; ``edgetl export`` then quantises it as usual and the parity check compares
@@ -48,12 +52,15 @@ class QATConfig:
     epochs: int = 2
     lr: float = 1e-5  # AdamW, every layer, cosine decay to 0 over the epochs
     calib: str = "default"  # recipe for the activation ranges (the export's default too)
+    consistency: float = 0.0  # weight of KL(float predictions || simulated int8 predictions) in the loss
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError("qat: --epochs must be >= 1")
         if not self.lr > 0:
             raise ConfigError("qat: --lr must be > 0")
+        if self.consistency < 0:
+            raise ConfigError("qat: --consistency must be >= 0")
 
 
 def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -149,6 +156,40 @@ class QuantSim(nn.Module):
         return x
 
 
+def _train_epoch(model: nn.Module, sim: QuantSim, images: torch.Tensor, labels: np.ndarray, train_cfg: Any,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, cfg: QATConfig) -> dict[str, float]:
+    """One epoch on the training split (the run's own augmentation) through the int8 simulation.
+
+    Loss: cross-entropy of the simulated int8 logits, plus ``cfg.consistency`` x KL divergence from the
+    same weights' float predictions (no gradient through those): the parity gate asks the int8 model to
+    agree with the float one, so disagreement is penalised directly. The model stays in eval mode:
+    frozen BatchNorm statistics (folded by the simulation), no dropout.
+    """
+    from edgetl.train import augment
+
+    model.eval()
+    order = np.random.default_rng([train_cfg.seed, 10_000 + epoch]).permutation(len(labels))
+    generator = torch.Generator().manual_seed(train_cfg.seed * 100_003 + 10_000 + epoch)
+    targets = torch.from_numpy(labels)
+    total, seen, started = 0.0, 0, time.perf_counter()
+    for begin in range(0, len(order), train_cfg.batch_size):
+        index = torch.from_numpy(order[begin : begin + train_cfg.batch_size])
+        pixels = augment(images[index], train_cfg.image_size, train_cfg, generator)
+        logits = sim(pixels)
+        loss = F.cross_entropy(logits, targets[index], label_smoothing=train_cfg.label_smoothing)
+        if cfg.consistency > 0:
+            with torch.no_grad():
+                reference = F.softmax(model(pixels), dim=1)
+            loss = loss + cfg.consistency * F.kl_div(F.log_softmax(logits, dim=1), reference, reduction="batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss) * len(index)
+        seen += len(index)
+    return {"train_loss": total / max(seen, 1), "seconds": time.perf_counter() - started}
+
+
 def _metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     predicted = logits.argmax(1)
     return {"top1": float((predicted == labels).mean()), "agreement": float((predicted == reference.argmax(1)).mean())}
@@ -168,7 +209,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     from edgetl.parity import evaluation_set
     from edgetl.prequant import equalize
     from edgetl.runtime.preprocess import PreprocessSpec
-    from edgetl.train import load_checkpoint, predict_logits, train_one_epoch
+    from edgetl.train import load_checkpoint, predict_logits
 
     cfg.validate()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -178,8 +219,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     model, checkpoint = load_checkpoint(run_dir)
     manifest = read_manifest(run_dir)
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
-    # BatchNorm statistics stay frozen: the simulation folds them as the export will.
-    train_cfg = dataclasses.replace(FinetuneConfig.build(checkpoint["config"]), bn="frozen")
+    train_cfg = FinetuneConfig.build(checkpoint["config"])  # batch size, augmentation, label smoothing, seed
     val, _, _, splits = evaluation_set(run_dir, manifest, None)
     guard = list(val.paths) + [str(s.path) for s in splits.test]
     calibration = calibration_set(splits, spec, load_recipe(cfg.calib), guard_paths=guard)
@@ -206,11 +246,10 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=train_cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train.labels) / train_cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    train_on_device = torch.from_numpy(train.images)
+    images = torch.from_numpy(train.images)
     for epoch in range(cfg.epochs):
         sim.calibrate(calibration.images)  # ranges of the weights as they are now, as the export will see them
-        stats = train_one_epoch(model, train, train_on_device, train_cfg, 2, 0, optimizer, scheduler, cpu,
-                                10_000 + epoch, f"qat epoch {epoch + 1}/{cfg.epochs}", forward=sim)  # fmt: skip
+        stats = _train_epoch(model, sim, images, train.labels, train_cfg, optimizer, scheduler, epoch, cfg)
         evaluate(epoch + 1, stats)
     model.eval()
 

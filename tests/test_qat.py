@@ -70,10 +70,11 @@ def test_qat_makes_a_new_run_that_exports(learned_run, tmp_path, netguard_log):
     source = copy_run(learned_run[1], tmp_path / "run")
     before = sha256_file(source / "model.pt")
     out = tmp_path / "qat"
-    cli = CliRunner().invoke(main, ["-q", "qat", str(source), "--out", str(out), "--epochs", "1", "--json"])
+    cli = CliRunner().invoke(main, ["-q", "qat", str(source), "--out", str(out), "--epochs", "1",
+                                    "--consistency", "0.5", "--json"])  # fmt: skip
     assert cli.exit_code == 0, cli.output
     record = json.loads(cli.stdout)
-    assert [row["epoch"] for row in record["history"]] == [0, 1]
+    assert [row["epoch"] for row in record["history"]] == [0, 1] and record["config"]["consistency"] == 0.5
     assert record["after"]["seconds"] > 0 and 0 <= record["after"]["simulated_int8"]["agreement"] <= 1
     assert sha256_file(source / "model.pt") == before  # the original run is untouched
     manifest = read_manifest(out)
@@ -94,8 +95,10 @@ def test_qat_makes_a_new_run_that_exports(learned_run, tmp_path, netguard_log):
 def test_qat_bad_input_is_one_line(learned_run, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
-    for args, words in ((["--out", str(taken)], "already exists"), (["--out", str(tmp_path / "n"), "--epochs", "0"],
-                                                                    "--epochs must be >= 1")):  # fmt: skip
+    new = str(tmp_path / "n")
+    for args, words in ((["--out", str(taken)], "already exists"),
+                        (["--out", new, "--epochs", "0"], "--epochs must be >= 1"),
+                        (["--out", new, "--consistency", "-1"], "--consistency must be >= 0")):  # fmt: skip
         result = CliRunner().invoke(main, ["qat", str(learned_run[1]), *args])
         assert result.exit_code != 0 and words in result.stderr, result.output
         assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
