@@ -232,6 +232,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     history = []
 
     def evaluate(epoch: int, train_stats: dict[str, float] | None) -> None:
+        # Ranges of the weights as they are now, as the export would measure them; the next epoch trains with them.
         sim.calibrate(calibration.images)
         row = {"epoch": epoch, "float": _metrics(predict_logits(model, val.images, cpu), val.labels, original),
                "simulated_int8": _metrics(sim.predict(val.images), val.labels, original)}  # fmt: skip
@@ -248,10 +249,8 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     images = torch.from_numpy(train.images)
     for epoch in range(cfg.epochs):
-        sim.calibrate(calibration.images)  # ranges of the weights as they are now, as the export will see them
         stats = _train_epoch(model, sim, images, train.labels, train_cfg, optimizer, scheduler, epoch, cfg)
         evaluate(epoch + 1, stats)
-    model.eval()
 
     # The new run: the fine-tuning record of the original, this model, and the QAT record.
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
