@@ -85,11 +85,24 @@ def compare(
 
 
 def torch_logits(model: Any, images: np.ndarray) -> np.ndarray:
+    """The float reference on the CPU, computed by a copy of the model made for inference: every
+    BatchNorm folded into its convolution (in eval mode that is the same function, to float rounding)
+    and the channels-last layout oneDNN runs fastest on x86 — about 3x faster than the model as trained
+    on this 2-core machine. The caller's model is not changed."""
+    import copy
+
     import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     from edgetl.train import predict_logits
 
-    return predict_logits(model, images, torch.device("cpu"))
+    fast = copy.deepcopy(model).eval()
+    for parent in fast.modules():
+        if isinstance(parent, torch.nn.Sequential):
+            for i in range(len(parent) - 1):
+                if isinstance(parent[i], torch.nn.Conv2d) and isinstance(parent[i + 1], torch.nn.BatchNorm2d):
+                    parent[i], parent[i + 1] = fuse_conv_bn_eval(parent[i], parent[i + 1]), torch.nn.Identity()
+    return predict_logits(fast.to(memory_format=torch.channels_last), images, torch.device("cpu"))
 
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:

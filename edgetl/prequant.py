@@ -52,7 +52,7 @@ def equalize(model: Any, images: np.ndarray, max_images: int = 128) -> list[dict
     """
     import torch
 
-    from edgetl.parity import torch_logits
+    from edgetl.train import predict_logits
 
     features = model.net.features
     records = []
@@ -61,7 +61,7 @@ def equalize(model: Any, images: np.ndarray, max_images: int = 128) -> list[dict
         record = lambda module, inputs, output, seen=seen: seen.append(output.detach().abs().amax((0, 2, 3)))
         hook = features[i].register_forward_hook(record)
         try:
-            torch_logits(model, images[:max_images])
+            predict_logits(model, images[:max_images], torch.device("cpu"))  # this model: the hook is on it
         finally:
             hook.remove()
         ranges = torch.stack(seen).amax(0).double()

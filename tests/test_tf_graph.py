@@ -82,3 +82,16 @@ def test_diagnosis_names_layers_by_module_path():
     assert layer_name("pool/Mean") == "pool"
     assert layer_name("PartitionedCall:0") == "logits"
     assert layer_name("weird") == "weird"
+
+
+def test_parity_reference_is_the_model_folded_and_leaves_the_model_alone():
+    from edgetl.parity import torch_logits
+    from edgetl.train import predict_logits
+
+    model = mobilenet_with_real_bn_statistics()
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    plain = predict_logits(model, pixels, torch.device("cpu"))
+    fast = torch_logits(model, pixels)
+    assert np.abs(fast - plain).max() <= 1e-4 * max(1.0, np.abs(plain).max())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 52  # not fused in place
+    assert model.net.features[0][0].weight.is_contiguous()  # nor moved to channels-last
