@@ -87,8 +87,8 @@ def compare(
 def torch_logits(model: Any, images: np.ndarray) -> np.ndarray:
     """The float reference on the CPU, computed by a copy of the model made for inference: every
     BatchNorm folded into its convolution (in eval mode that is the same function, to float rounding)
-    and the channels-last layout oneDNN runs fastest on x86 — about 3x faster than the model as trained
-    on this 2-core machine. The caller's model is not changed."""
+    and the channels-last layout oneDNN runs fastest on x86 — 3.7 s instead of 5.4-8 s for 411 images
+    at 224x224 on a 2-core machine. The caller's model is not changed."""
     import copy
 
     import torch
