@@ -91,22 +91,18 @@ class QuantSim(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._run(pixels, self.layers)
 
-    @torch.no_grad()
-    def calibrate(self, images: np.ndarray, batch_size: int = 32) -> None:
-        """min/max of every int8 tensor over ``images`` (uint8 NHWC) through the float model."""
+    def calibrate(self, images: np.ndarray) -> None:
+        """min/max of every int8 tensor over ``images`` (uint8 NHWC) through the float model.
+
+        Run it like any model: ``edgetl.train.predict_logits(sim, images, device)``.
+        """
+        from edgetl.train import predict_logits
+
         self.ranges, self.observing = {}, True
         try:
-            for start in range(0, len(images), batch_size):
-                self(torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).float())
+            predict_logits(self, images, torch.device("cpu"))
         finally:
             self.observing = False
-
-    @torch.no_grad()
-    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        return np.concatenate([
-            self(torch.from_numpy(images[s : s + batch_size]).permute(0, 3, 1, 2).float()).numpy()
-            for s in range(0, len(images), batch_size)
-        ])  # fmt: skip
 
     def _act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
@@ -235,7 +231,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
         # Ranges of the weights as they are now, as the export would measure them; the next epoch trains with them.
         sim.calibrate(calibration.images)
         row = {"epoch": epoch, "float": _metrics(predict_logits(model, val.images, cpu), val.labels, original),
-               "simulated_int8": _metrics(sim.predict(val.images), val.labels, original)}  # fmt: skip
+               "simulated_int8": _metrics(predict_logits(sim, val.images, cpu), val.labels, original)}  # fmt: skip
         if train_stats:
             row["train_loss"], row["seconds"] = train_stats["train_loss"], train_stats["seconds"]
         history.append(row)
