@@ -48,6 +48,7 @@ def main() -> int:
     from edgetl.export import ExportConfig, export
     from edgetl.runtime.bench import invoke_latency
     from edgetl.runtime.model import TFLiteClassifier
+    from edgetl.tflite_inspect import size_breakdown
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep) if args.keep else Path(tmp) / "run"
@@ -60,6 +61,7 @@ def main() -> int:
         correction = read_manifest(work)["stages"]["export"].get("bias_correction")
         equalization = read_manifest(work)["stages"]["export"].get("equalization")
         sizes = {name: a["bytes"] for name, a in result.artifacts.items()}
+        breakdown = {name: size_breakdown(str(work / name)) for name in ("model_float32.tflite", "model_int8.tflite")}
         parity = {n: {k: a[k] for k in ("top1", "delta_top1_pp", "agreement", "cosine_mean", "sqnr_db", "passed")}
                   for n, a in result.parity.artifacts.items()}  # fmt: skip
         count = result.parity.data["count"]
@@ -115,7 +117,14 @@ def main() -> int:
         p = parity.get(name, {})
         lines.append(f"| {name} | {size:,} | {100 * p.get('top1', 0):.2f}% | {p.get('delta_top1_pp', 0):+.2f} | "
                      f"{100 * p.get('agreement', 0):.2f}% | {p.get('passed')} |")  # fmt: skip
+    int8, float32 = breakdown["model_int8.tflite"], breakdown["model_float32.tflite"]
     lines += ["", f"int8 / float32 size: {sizes['model_int8.tflite'] / sizes['model_float32.tflite']:.3f}", "",
+              "Where the bytes go (edgetl.tflite_inspect.size_breakdown; quantisation parameters: float32 scale +",
+              "int64 zero point per entry, one entry per output channel for per-channel weights and their biases):", "",
+              "| part | float32 | int8 |", "|---|---|---|",
+              *[f"| {k} | {float32[k]:,} | {int8[k]:,} |" for k in int8],
+              "", f"int8 / float32 without the per-channel quantisation parameters: "
+              f"{(int8['file'] - int8['quantization_parameters']) / float32['file']:.3f}", "",
               "| model @ threads | median ms | p90 ms |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} |" for k, v in latency.items()]
     lines += ["", *[f"- {k}: {v:.3f}" for k, v in ratio.items()]]
@@ -132,6 +141,7 @@ def main() -> int:
                 lines.append(f"- {r['remedy']}: {result_text} — {'pass' if r.get('passed') else 'fail'}")
     lines += ["", f"int8 bias correction: {correction}", f"linear-bottleneck equalisation: {equalization}"]
     payload = {"machine": info, "run": str(run), "converter": converter, "timings": t, "wall_s": wall, "sizes": sizes,
+               "size_breakdown": breakdown,
                "parity": parity, "parity_images": count, "latency": latency, "ratios": ratio,
                "remedies": remedies, "bias_correction": correction, "equalization": equalization}  # fmt: skip
     write_result(f"export_bench_{args.tag}", payload, "\n".join(lines) + "\n")

@@ -288,17 +288,21 @@ def _thresholds(max_drop: float | None, min_agreement: float | None) -> Any:
               help="Calibration recipe for the simulated activation ranges (use the export's).")
 @click.option("--consistency", type=float, default=0.0, show_default=True,
               help="Weight of the int8-vs-float agreement (KL) term in the loss; 0 = labels only.")
+@click.option("--distill", type=float, default=0.0, show_default=True,
+              help="Weight of the distillation term (KL from the original model's predictions, T=2).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, consistency: float,
-                as_json: bool) -> None:
+                distill: float, as_json: bool) -> None:
     """Quantisation-aware fine-tuning: RUN_DIR's model, trained a few epochs with simulated int8, as a new run.
 
-    For an int8 model that fails parity. Export the new run as usual; RUN_DIR is not changed.
+    For an int8 model that fails parity. The new run keeps RUN_DIR's float model (the parity reference)
+    and adds the quantisation-aware weights the int8 model is built from; export it as usual. RUN_DIR is
+    not changed.
     """
     require("torch", "train")
     from edgetl.qat import QATConfig, quantization_aware_finetune
 
-    settings = QATConfig(epochs=epochs, lr=lr, calib=calib, consistency=consistency)
+    settings = QATConfig(epochs=epochs, lr=lr, calib=calib, consistency=consistency, distill=distill)
     record = quantization_aware_finetune(run_dir, out_dir, settings)
 
     def line(row: dict) -> str:

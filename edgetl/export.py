@@ -139,12 +139,21 @@ def _run_converter(job: dict[str, Any], log_path: Path) -> dict[str, Any]:
     return json.loads(last)
 
 
-def bias_correction_wanted(cfg: ExportConfig) -> bool:
-    """An explicit setting wins; then the recipe; a user's --calib-dir gets the default (on)."""
+def bias_correction_wanted(cfg: ExportConfig, manifest: dict[str, Any]) -> bool:
+    """An explicit setting wins; then a QAT run gets none; then the recipe; a user's --calib-dir gets the
+    default (on).
+
+    QAT trained the weights against the int8 rounding it simulated, which has no bias correction; the
+    correction would shift the biases QAT chose (measured on two sign-language QAT runs: logit SQNR
+    against the source run's float model 16.8 -> 18.7 dB and 16.4 -> 17.6 dB without it, see
+    benchmarks/results/qat_bench_sign_language*.md).
+    """
     from edgetl.calib import CalibRecipe, load_recipe
 
     if cfg.bias_correction is not None:
         return cfg.bias_correction
+    if "qat" in manifest.get("stages", {}):
+        return False
     return (load_recipe(cfg.calib) if cfg.calib_dir is None else CalibRecipe()).bias_correction
 
 
@@ -160,6 +169,7 @@ def export(
     """
     from edgetl.calib import calibration_set, load_recipe
     from edgetl.parity import check, evaluation_set, torch_logits
+    from edgetl.qat import QAT_WEIGHTS
     from edgetl.runtime.preprocess import PreprocessSpec
     from edgetl.tflite_inspect import inspect_tflite
     from edgetl.train import load_checkpoint
@@ -168,6 +178,14 @@ def export(
     run_dir = Path(run_dir)
     model, checkpoint = load_checkpoint(run_dir)
     manifest = read_manifest(run_dir)
+    # A QAT run: model.pt is the float model it started from (exported as float, the parity reference);
+    # the int8 model is quantised from the quantisation-aware weights.
+    int8_model = None
+    if cfg.int8 and "qat" in manifest["stages"]:
+        if cfg.converter != "direct":
+            raise ExportError("a QAT run's int8 model is built by the direct converter",
+                              hint="export without --converter onnx2tf")  # fmt: skip
+        int8_model, _ = load_checkpoint(run_dir, QAT_WEIGHTS)
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
     recipe = load_recipe(cfg.calib) if cfg.int8 and cfg.calib_dir is None else None
 
@@ -191,6 +209,8 @@ def export(
 
         # Exact in float: the exports below are still checked against ``reference``.
         equalization = equalize(model, calibration.images)
+        if int8_model is not None:
+            equalize(int8_model, calibration.images)  # QAT trained it equalised: scales of ~1 now
 
     workdir = (run_dir / WORKDIR).resolve()  # absolute: the converter runs with its own cwd
     shutil.rmtree(workdir, ignore_errors=True)
@@ -206,15 +226,18 @@ def export(
         if onnx_diff > cfg.float_tolerance:
             raise ExportError(f"ONNX logits differ from PyTorch by {onnx_diff:.2e} > {cfg.float_tolerance}")
 
-        job = {"workdir": str(workdir), "int8": cfg.int8, "bias_correction": cfg.int8 and bias_correction_wanted(cfg)}
+        correct = cfg.int8 and bias_correction_wanted(cfg, manifest)
+        job = {"workdir": str(workdir), "int8": cfg.int8, "bias_correction": correct}
         if cfg.converter == "onnx2tf":
             job["onnx"] = str(workdir / "model.onnx")
         else:
             from edgetl.tf_graph import UnsupportedModel, save_graph
-            from edgetl.tflite_convert import GRAPH
+            from edgetl.tflite_convert import GRAPH, GRAPH_INT8
 
             try:
                 save_graph(model, spec.image_size, workdir / GRAPH)
+                if int8_model is not None:
+                    save_graph(int8_model, spec.image_size, workdir / GRAPH_INT8)
             except UnsupportedModel as exc:
                 raise ExportError(f"the direct TFLite converter does not know {exc}",
                                   hint="export with --converter onnx2tf") from None  # fmt: skip
@@ -270,6 +293,7 @@ def export(
         "bias_correction": bias_correction,
         "equalization": equalization,
         "converter": cfg.converter,
+        "int8_weights": QAT_WEIGHTS if int8_model is not None else ("model.pt" if cfg.int8 else None),
         "onnx_opset": cfg.opset,
         "float_tolerance": cfg.float_tolerance,
         "verified_on_images": int(len(verify)),

@@ -21,14 +21,20 @@ the rounding:
   agreement); on the sign-language run it did worse than labels alone (see
   ``benchmarks/results/qat_bench_sign_language*.md``), hence off by default.
 
-The result is a new run directory (the original is not touched) whose ``model.pt`` holds the
-fine-tuned float weights; ``edgetl export`` then quantises it as usual and the parity check compares
-its int8 model with *this* float model. ``qat.json`` records the float top-1 before and after and the
-simulated int8 top-1 and agreement of every epoch, so a user sees what QAT cost or gained in float.
+With ``distill`` > 0 the loss also pulls the simulated int8 predictions towards the *original* model's
+(knowledge distillation, temperature 2): the parity gate measures agreement with that model.
+
+The result is a new run directory (the original is not touched): ``model.pt`` is the original float
+model, unchanged — the model the user validated, exported as float and the reference every parity
+check compares with — and ``model_qat.pt`` holds the quantisation-aware weights, from which
+``edgetl export`` builds the int8 model only (without bias correction: QAT trained the biases against
+the rounding it simulated). ``qat.json`` records, per epoch, the top-1 of the QAT weights run in float
+and the simulated int8 top-1 and agreement with the original model.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -46,6 +52,8 @@ from edgetl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+QAT_WEIGHTS = "model_qat.pt"  # in a QAT run, beside the original model.pt
+
 
 @dataclasses.dataclass(frozen=True)
 class QATConfig:
@@ -53,6 +61,7 @@ class QATConfig:
     lr: float = 1e-5  # AdamW, every layer, cosine decay to 0 over the epochs
     calib: str = "default"  # recipe for the activation ranges (the export's default too)
     consistency: float = 0.0  # weight of KL(float predictions || simulated int8 predictions) in the loss
+    distill: float = 0.0  # weight of KL(original model's predictions || simulated int8 predictions), T = 2
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -61,6 +70,8 @@ class QATConfig:
             raise ConfigError("qat: --lr must be > 0")
         if self.consistency < 0:
             raise ConfigError("qat: --consistency must be >= 0")
+        if self.distill < 0:
+            raise ConfigError("qat: --distill must be >= 0")
 
 
 def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -152,8 +163,12 @@ class QuantSim(nn.Module):
         return x
 
 
+DISTILL_TEMPERATURE = 2.0
+
+
 def _train_epoch(model: nn.Module, sim: QuantSim, images: torch.Tensor, labels: np.ndarray, train_cfg: Any,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, cfg: QATConfig) -> dict[str, float]:
+                 optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, cfg: QATConfig,
+                 teacher: nn.Module | None = None) -> dict[str, float]:
     """One epoch on the training split (the run's own augmentation) through the int8 simulation.
 
     Loss: cross-entropy of the simulated int8 logits, plus ``cfg.consistency`` x KL divergence from the
@@ -177,11 +192,17 @@ def _train_epoch(model: nn.Module, sim: QuantSim, images: torch.Tensor, labels: 
             with torch.no_grad():
                 reference = F.softmax(model(pixels), dim=1)
             loss = loss + cfg.consistency * F.kl_div(F.log_softmax(logits, dim=1), reference, reduction="batchmean")
+        if teacher is not None and cfg.distill > 0:
+            t = DISTILL_TEMPERATURE
+            with torch.no_grad():
+                target = F.softmax(teacher(pixels) / t, dim=1)
+            kl = F.kl_div(F.log_softmax(logits / t, dim=1), target, reduction="batchmean")
+            loss = loss + cfg.distill * t * t * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total += float(loss) * len(index)
+        total += float(loss.detach()) * len(index)
         seen += len(index)
     return {"train_loss": total / max(seen, 1), "seconds": time.perf_counter() - started}
 
@@ -225,6 +246,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     original = predict_logits(model, val.images, cpu)
     equalization = equalize(model, calibration.images)  # what the export does first; exact in float
     sim = QuantSim(model)
+    teacher = copy.deepcopy(model).requires_grad_(False) if cfg.distill > 0 else None
     history = []
 
     def evaluate(epoch: int, train_stats: dict[str, float] | None) -> None:
@@ -245,7 +267,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     images = torch.from_numpy(train.images)
     for epoch in range(cfg.epochs):
-        stats = _train_epoch(model, sim, images, train.labels, train_cfg, optimizer, scheduler, epoch, cfg)
+        stats = _train_epoch(model, sim, images, train.labels, train_cfg, optimizer, scheduler, epoch, cfg, teacher)
         evaluate(epoch + 1, stats)
 
     # The new run: the fine-tuning record of the original, this model, and the QAT record.
@@ -253,13 +275,12 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     kept = [name for name, entry in manifest["files"].items() if entry.get("stage") == "finetune"]
-    for name in kept:
-        if name != "model.pt":
-            shutil.copy2(run_dir / name, tmp_dir / name)
+    for name in kept:  # model.pt included: the original float model stays the run's reference
+        shutil.copy2(run_dir / name, tmp_dir / name)
     manifest["files"] = {name: manifest["files"][name] for name in kept}
     manifest["stages"] = {"finetune": manifest["stages"]["finetune"]}
     write_json(tmp_dir / "manifest.json", manifest)
-    with atomic_path(tmp_dir / "model.pt") as path:
+    with atomic_path(tmp_dir / QAT_WEIGHTS) as path:
         torch.save({**checkpoint, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
                    path)  # fmt: skip
     record = {
@@ -273,6 +294,6 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
         "seconds": time.perf_counter() - started,
     }
     write_json(tmp_dir / "qat.json", record)
-    update_manifest(tmp_dir, "qat", ["model.pt", "qat.json"], record)
+    update_manifest(tmp_dir, "qat", [QAT_WEIGHTS, "qat.json"], record)
     tmp_dir.rename(out_dir)
     return record

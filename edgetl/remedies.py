@@ -77,6 +77,7 @@ def diagnose_and_remedy(
     data: str | os.PathLike | None,
 ) -> tuple[ParityReport, list[dict[str, Any]]]:
     """Diagnose the failing int8 model and try the remedies; return the final report and attempts."""
+    from edgetl.artifacts import read_manifest
     from edgetl.export import _run_converter, bias_correction_wanted
     from edgetl.train import load_checkpoint
 
@@ -120,7 +121,7 @@ def diagnose_and_remedy(
     try:
         _run_converter({"onnx": None, "workdir": str(workdir), "int16x8": True,
                         "calibration": str(workdir / "calibration.npy"),
-                        "bias_correction": bias_correction_wanted(cfg),
+                        "bias_correction": bias_correction_wanted(cfg, read_manifest(run_dir)),
                         "float_model": str(run_dir / "model_float32.tflite")}, log_path)  # fmt: skip
         metrics = evaluate(workdir / "model_int16x8.tflite")
         attempts.append(summary("16-bit activations (model_int16x8.tflite)", metrics))
@@ -136,6 +137,7 @@ def diagnose_and_remedy(
 
 def _more_calibration(run_dir, workdir, cfg, splits, spec, val, evaluate, summary, attempts) -> bool:
     """Re-quantise with four times the recipe's images; keep the result if it passes."""
+    from edgetl.artifacts import read_manifest
     from edgetl.calib import calibration_set, load_recipe
     from edgetl.export import _run_converter, bias_correction_wanted
 
@@ -147,7 +149,7 @@ def _more_calibration(run_dir, workdir, cfg, splits, spec, val, evaluate, summar
     np.save(workdir / "calibration_more.npy", calibration.images)
     _run_converter({"onnx": None, "workdir": str(workdir), "int8": True,
                     "calibration": str(workdir / "calibration_more.npy"),
-                    "bias_correction": bias_correction_wanted(cfg),
+                    "bias_correction": bias_correction_wanted(cfg, read_manifest(run_dir)),
                     "float_model": str(run_dir / "model_float32.tflite"),
                     "output": "candidate_int8.tflite"}, run_dir / "export.log")  # fmt: skip
     metrics = evaluate(workdir / "candidate_int8.tflite")

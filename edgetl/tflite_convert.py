@@ -10,7 +10,9 @@ JOB.json: ``{"graph": bool, "onnx": path or null, "workdir": path, "int8": bool,
 "float_model": path of the float32 .tflite (default: workdir's)}``. The float model comes from
 the workdir's ``graph.npz`` with "graph" (:mod:`edgetl.tf_graph`, the default route) or from "onnx"
 through onnx2tf (a SavedModel in ``tf/``); a job with neither re-quantises the float model of an
-earlier job.
+earlier job. When the workdir also holds ``graph_int8.npz`` (a QAT run: the quantisation-aware
+weights, see :mod:`edgetl.qat`), the quantised models are made from that graph instead, and bias
+correction, if asked for, pairs them with that graph's own float model.
 Outputs in workdir: ``model_float32.tflite``, the quantised model(s) and,
 with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line on
 stdout last: timings and, per quantised model, the bias correction applied.
@@ -30,6 +32,8 @@ from typing import Any
 
 # The direct route's float model (see edgetl.tf_graph), written by the export into the workdir.
 GRAPH = "graph.npz"
+# A QAT run's int8 weights (edgetl.qat), when the export writes them: quantised models come from it.
+GRAPH_INT8 = "graph_int8.npz"
 # onnx2tf downloads this sample file unless it is in its working directory. edgetl never uses it
 # (int8 calibration is done below on the run's own images), so a small stand-in keeps it offline.
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -54,11 +58,11 @@ def run_onnx2tf(onnx_path: Path, workdir: Path) -> Path:
     return out
 
 
-def converter_factory(workdir: Path) -> Callable[[], Any]:
-    """A function returning a fresh TFLiteConverter for the workdir's float model."""
+def converter_factory(workdir: Path, name: str = GRAPH) -> Callable[[], Any]:
+    """A function returning a fresh TFLiteConverter for the workdir's float model (graph ``name``)."""
     import tensorflow as tf
 
-    graph = workdir / GRAPH
+    graph = workdir / name
     if graph.is_file():
         from edgetl.tf_graph import build
 
@@ -149,6 +153,10 @@ def main(job_path: str) -> int:
         shutil.move(produced, workdir / "model_float32.tflite")
         timings["onnx2tf_s"] = time.perf_counter() - t0
     make_converter = converter_factory(workdir)  # a remedy re-quantises the float model of an earlier job
+    make_int8_converter, int8_float_model = make_converter, None
+    if (workdir / GRAPH_INT8).is_file():
+        make_int8_converter = converter_factory(workdir, GRAPH_INT8)
+        int8_float_model = workdir / "model_int8_weights_float32.tflite"
     if job.get("graph"):
         (workdir / "model_float32.tflite").write_bytes(make_converter().convert())
         timings["tflite_float_s"] = time.perf_counter() - t0
@@ -156,17 +164,21 @@ def main(job_path: str) -> int:
     for mode in ("int8", "int16x8"):
         if job.get(mode):
             t0 = time.perf_counter()
-            model = quantize(make_converter, Path(job["calibration"]), mode)
+            model = quantize(make_int8_converter, Path(job["calibration"]), mode)
             timings[f"{mode}_s"] = time.perf_counter() - t0
             if job.get("bias_correction"):
                 t0 = time.perf_counter()
                 float_model = job.get("float_model") or str(workdir / "model_float32.tflite")
+                if int8_float_model is not None:  # the float model of the weights being quantised
+                    if not int8_float_model.is_file():
+                        int8_float_model.write_bytes(make_int8_converter().convert())
+                    float_model = str(int8_float_model)
                 model, corrections[mode] = correct_bias(model, float_model, Path(job["calibration"]))
                 timings[f"{mode}_bias_correction_s"] = time.perf_counter() - t0
             (workdir / job.get("output", f"model_{mode}.tflite")).write_bytes(model)
     if job.get("diagnose"):
         t0 = time.perf_counter()
-        diagnose(make_converter, Path(job["calibration"]), workdir / "layer_stats.csv")
+        diagnose(make_int8_converter, Path(job["calibration"]), workdir / "layer_stats.csv")
         timings["diagnose_s"] = time.perf_counter() - t0
     print(json.dumps({"timings": timings, "bias_correction": corrections}), flush=True)
     return 0

@@ -723,16 +723,18 @@ def _torchvision_version() -> str:
     return torchvision.__version__
 
 
-def load_checkpoint(run_dir: str | os.PathLike) -> tuple[EdgeClassifier, dict[str, Any]]:
+def load_checkpoint(run_dir: str | os.PathLike, name: str = "model.pt") -> tuple[EdgeClassifier, dict[str, Any]]:
     """Load a finished run's best model (in eval mode, on the CPU) and its checkpoint metadata.
+
+    ``name``: another checkpoint of the same format in the run, e.g. a QAT run's ``model_qat.pt``.
 
     Raises:
         RunDirError: no finished fine-tuning in ``run_dir`` or an unreadable checkpoint.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "model.pt"
+    path = run_dir / name
     if not path.is_file():
-        raise RunDirError(f"{run_dir} has no model.pt", hint="run edgetl finetune first")
+        raise RunDirError(f"{run_dir} has no {name}", hint="run edgetl finetune first")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

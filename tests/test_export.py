@@ -20,7 +20,7 @@ from edgetl.errors import ConfigError, DataError
 from edgetl.parity import runner_for
 from edgetl.runtime.preprocess import PreprocessSpec
 from edgetl.targets import load_target
-from edgetl.tflite_inspect import inspect_tflite
+from edgetl.tflite_inspect import inspect_tflite, size_breakdown
 from edgetl.train import load_checkpoint, predict_logits
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,19 @@ def test_int8_model_is_full_integer_with_raw_pixel_input(exported_run):
     assert facts.conv_weights == 52 and facts.per_tensor_conv_weights == []  # MobileNetV2's 52 convs
     assert set(facts.tensor_dtypes) <= {"int8", "uint8", "int32"}
     assert facts.full_integer_problems() == []
+
+
+def test_size_breakdown_accounts_for_per_channel_parameters(exported_run):
+    _, run_dir = exported_run
+    int8 = size_breakdown(str(run_dir / "model_int8.tflite"))
+    float32 = size_breakdown(str(run_dir / "model_float32.tflite"))
+    assert int8["file"] == (run_dir / "model_int8.tflite").stat().st_size
+    assert int8["weights"] * 4 == float32["weights"] > 0  # same weights, one byte each instead of four
+    assert int8["biases"] == float32["biases"] > 0  # int32 and float32 biases
+    # every conv/FC output channel: weight and bias scales + zero points, 12 bytes each
+    channels = int8["biases"] // 4
+    assert int8["quantization_parameters"] >= 24 * channels and float32["quantization_parameters"] == 0
+    assert 0 <= int8["other"] < int8["file"] // 2
 
 
 def test_float_model_is_not_mistaken_for_int8(exported_run):

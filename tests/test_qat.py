@@ -65,22 +65,41 @@ def test_simulation_tracks_the_exported_int8_model(learned_run, tmp_path):
     assert np.abs(simulated - real).mean() < 0.5 * np.abs(float_logits - real).mean()
 
 
+def _int8_classifier(path) -> np.ndarray:
+    """The int8 weights of the TFLite model's FULLY_CONNECTED op."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    op = next(op for op in interpreter._get_ops_details() if op["op_name"] == "FULLY_CONNECTED")
+    return interpreter.get_tensor(op["inputs"][1])
+
+
+def _quantised(weight: torch.Tensor) -> np.ndarray:
+    w = weight.detach().double().numpy()
+    return np.round(w / (np.abs(w).max(axis=1, keepdims=True) / 127)).astype(np.int8)
+
+
 @pytest.mark.slow
 def test_qat_makes_a_new_run_that_exports(learned_run, tmp_path, netguard_log):
     source = copy_run(learned_run[1], tmp_path / "run")
     before = sha256_file(source / "model.pt")
     out = tmp_path / "qat"
-    cli = CliRunner().invoke(main, ["-q", "qat", str(source), "--out", str(out), "--epochs", "1",
-                                    "--consistency", "0.5", "--json"])  # fmt: skip
+    cli = CliRunner().invoke(main, ["-q", "qat", str(source), "--out", str(out), "--epochs", "1", "--lr", "1e-3",
+                                    "--consistency", "0.5", "--distill", "1", "--json"])  # fmt: skip
     assert cli.exit_code == 0, cli.output
     record = json.loads(cli.stdout)
     assert [row["epoch"] for row in record["history"]] == [0, 1] and record["config"]["consistency"] == 0.5
+    assert record["config"]["distill"] == 1.0
     assert record["after"]["seconds"] > 0 and 0 <= record["after"]["simulated_int8"]["agreement"] <= 1
     assert sha256_file(source / "model.pt") == before  # the original run is untouched
     manifest = read_manifest(out)
     assert set(manifest["stages"]) == {"finetune", "qat"} and verify_files(out, manifest) == []
-    assert manifest["files"]["model.pt"]["stage"] == "qat"
-    trained, _ = load_checkpoint(out)
+    # the new run's float model is the original, its QAT weights are beside it
+    assert sha256_file(out / "model.pt") == before and manifest["files"]["model.pt"]["stage"] == "finetune"
+    assert manifest["files"]["model_qat.pt"]["stage"] == "qat"
+    trained, _ = load_checkpoint(out, "model_qat.pt")
     original, _ = load_checkpoint(source)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
     assert any(k.startswith("net.features.") for k in changed)  # the backbone was fine-tuned too
@@ -88,7 +107,17 @@ def test_qat_makes_a_new_run_that_exports(learned_run, tmp_path, netguard_log):
 
     exported = CliRunner().invoke(main, ["-q", "export", str(out), "--no-remedies", "--json"])
     assert exported.exit_code in (0, 3), exported.output
-    assert "model_int8.tflite" in json.loads(exported.stdout)["parity"]
+    parity = json.loads(exported.stdout)["parity"]
+    assert "model_int8.tflite" in parity
+    assert parity["model_float32.tflite"]["agreement"] == 1.0  # the float export is the original model's
+    stage = read_manifest(out)["stages"]["export"]
+    assert stage["int8_weights"] == "model_qat.pt"
+    # QAT trained against the rounding without bias correction; the export builds the same (a plain run gets it)
+    assert stage["bias_correction"] is None
+    # the int8 classifier is the QAT weights rounded (per output channel), not the original's
+    int8 = _int8_classifier(out / "model_int8.tflite")
+    assert np.array_equal(int8, _quantised(trained.head[1].weight))
+    assert not np.array_equal(int8, _quantised(original.head[1].weight))
     assert not netguard_log.exists() or netguard_log.read_text() == ""
 
 
