@@ -282,13 +282,13 @@ def _thresholds(max_drop: float | None, min_agreement: float | None) -> Any:
 @main.command("qat")
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="The new run directory.")
-@click.option("--epochs", type=int, default=2, show_default=True, help="Epochs with simulated int8.")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Epochs with simulated int8.")
 @click.option("--lr", type=float, default=1e-5, show_default=True, help="AdamW learning rate (cosine to 0).")
 @click.option("--calib", default="default", show_default=True,
               help="Calibration recipe for the simulated activation ranges (use the export's).")
 @click.option("--consistency", type=float, default=0.0, show_default=True,
               help="Weight of the int8-vs-float agreement (KL) term in the loss; 0 = labels only.")
-@click.option("--distill", type=float, default=0.0, show_default=True,
+@click.option("--distill", type=float, default=4.0, show_default=True,
               help="Weight of the distillation term (KL from the original model's predictions, T=2).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, consistency: float,

@@ -192,7 +192,8 @@ def package(
             f"{run_dir} has no {artifact}, which {target.name} ships",
             hint=f"run: edgetl export {run_dir} --target {target.name}",
         )
-    tampered = [n for n in verify_files(run_dir, manifest) if n in (artifact, "labels.txt", "model.pt")]
+    trusted = (artifact, "labels.txt", "model.pt", "model_qat.pt")
+    tampered = [n for n in verify_files(run_dir, manifest) if n in trusted]
     if tampered:
         raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
     model_bytes = (run_dir / artifact).read_bytes()
@@ -264,6 +265,8 @@ def package(
             "test_top1": finetune["test_top1"],
             "data_fingerprint": finetune["data"]["fingerprint"],
             "run_model_sha256": manifest["files"]["model.pt"]["sha256"],
+            # a QAT run's quantised models come from these weights (edgetl.qat)
+            "qat_weights_sha256": manifest["files"].get("model_qat.pt", {}).get("sha256"),
         },
         "versions": {**finetune.get("versions", {}), **export.get("versions", {})},
     }

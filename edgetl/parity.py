@@ -220,11 +220,13 @@ def check(
     names = artifacts or [n for n in ARTIFACTS if n in manifest["files"]]
     if not names:
         raise RunDirError(f"{run_dir} has no exported models to check", hint="run edgetl export first")
-    tampered = [n for n in verify_files(run_dir, manifest) if n in names or n == "model.pt"]
+    tampered = [n for n in verify_files(run_dir, manifest) if n in names or n in ("model.pt", "model_qat.pt")]
     if tampered:
         raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
 
     images, description, classes, _ = evaluation_set(run_dir, manifest, data)
+    if "qat" in manifest["stages"]:
+        description["quantised_from"] = "model_qat.pt"  # edgetl.qat: the reference stays model.pt
     model, _ = load_checkpoint(run_dir)
     labels = images.labels
     reference = torch_logits(model, images.images)
@@ -328,6 +330,9 @@ def parity_markdown(report: ParityReport) -> str:
         f"Thresholds: top-1 drop <= {t.max_drop} pp, agreement >= {pct(t.min_agreement)}.",
         f"Float model top-1: {pct(report.float_metrics['top1'])}"
         + (f", top-5: {pct(report.float_metrics['top5'])}" if "top5" in report.float_metrics else ""),
+        *([f"Quantised models are built from the quantisation-aware weights ({report.data['quantised_from']}) "
+           "and compared with the float model above, which QAT started from."]
+          if report.data.get("quantised_from") else []),
         "",
         "| artifact | precision | top-1 | Δtop-1 (pp) | agreement | cosine | SQNR (dB) | worst classes | verdict |",
         "|---|---|---|---|---|---|---|---|---|",

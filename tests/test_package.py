@@ -77,6 +77,7 @@ def test_bundle_is_self_describing(bundle):
     assert manifest["parity"]["passed_for_target"] is True and manifest["forced"] is False
     assert len(manifest["calibration"]["sha256"]) == 64
     assert manifest["training"]["run_model_sha256"] == read_manifest(run_dir)["files"]["model.pt"]["sha256"]
+    assert manifest["training"]["qat_weights_sha256"] is None  # not a QAT run
     assert {"torch", "tensorflow", "onnx2tf"} <= set(manifest["versions"])
     for rel, entry in manifest["files"].items():
         data = open(f"{root}/{rel}", "rb").read()

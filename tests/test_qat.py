@@ -112,6 +112,7 @@ def test_qat_makes_a_new_run_that_exports(learned_run, tmp_path, netguard_log):
     assert parity["model_float32.tflite"]["agreement"] == 1.0  # the float export is the original model's
     stage = read_manifest(out)["stages"]["export"]
     assert stage["int8_weights"] == "model_qat.pt"
+    assert "built from the quantisation-aware weights (model_qat.pt)" in (out / "parity.md").read_text()
     # QAT trained against the rounding without bias correction; the export builds the same (a plain run gets it)
     assert stage["bias_correction"] is None
     # the int8 classifier is the QAT weights rounded (per output channel), not the original's
