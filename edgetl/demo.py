@@ -138,8 +138,11 @@ def run_demo(
         notes.append('export skipped: pip install "edgetl[export]" for ONNX / TFLite export and parity')
     else:
         from edgetl.export import ExportConfig, export
+        from edgetl.parity import Thresholds
 
-        exported = export(run_dir, ExportConfig()).to_dict()
+        # gated as `edgetl export --target` gates: with the thresholds of the target it packages for
+        thresholds = Thresholds(target.parity.max_drop, target.parity.min_agreement)
+        exported = export(run_dir, ExportConfig(thresholds=thresholds)).to_dict()
     bundle, predictions = None, []
     if exported and exported["parity_passed"]:
         from edgetl.package import package

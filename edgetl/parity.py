@@ -307,6 +307,8 @@ def record_remedies(run_dir: Path, remedies: list[dict[str, Any]]) -> None:
             lines += [f"| `{w['layer']}` | {w['op']} | {w['rmse_over_scale']:.2f} | {w['max_abs_error']:.4g} |"
                       for w in attempt.get("worst_layers", [])]  # fmt: skip
             lines.append("")
+        elif "error" in attempt:  # a remedy that broke is reported as such
+            lines.append(f"- {attempt['remedy']}: failed to run: {attempt['error']}")
         else:
             lines.append(
                 f"- {attempt['remedy']}: top-1 {100 * attempt['top1']:.2f}%, Δ {attempt['delta_top1_pp']:+.2f} pp, "

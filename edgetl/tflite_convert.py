@@ -109,16 +109,24 @@ def quantize(make_converter: Callable[[], Any], calibration: Path, mode: str) ->
 
 
 def correct_bias(model: bytes, float_model: str, calibration: Path) -> tuple[bytes, dict]:
-    """Bias-correct a quantised model (see :mod:`edgetl.bias_correction`); unchanged if it cannot be."""
+    """Bias-correct a quantised model (see :mod:`edgetl.bias_correction`): every layer's expected
+    weight-rounding error, then the output layer's remaining mean error; unchanged where it cannot be."""
     import numpy as np
 
-    from edgetl.bias_correction import NotCorrectable, correct
+    from edgetl.bias_correction import NotCorrectable, correct, correct_output
 
+    images = np.load(calibration)
     try:
-        return correct(model, float_model, np.load(calibration))
+        model, summary = correct(model, float_model, images)
     except NotCorrectable as exc:
         print(f"bias correction skipped: {exc}", file=sys.stderr, flush=True)
         return model, {"skipped": str(exc)}
+    try:
+        model, summary["output_layer"] = correct_output(model, float_model, images)
+    except NotCorrectable as exc:
+        print(f"output-layer bias correction skipped: {exc}", file=sys.stderr, flush=True)
+        summary["output_layer"] = {"skipped": str(exc)}
+    return model, summary
 
 
 def diagnose(make_converter: Callable[[], Any], calibration: Path, csv_path: Path) -> None:

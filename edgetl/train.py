@@ -561,6 +561,7 @@ def finetune(
             hint=f"continue with: edgetl finetune {data} --out {run_dir} --resume",
         ) from None
 
+    ctx.close()  # no collectives after training: rank 0 finalises alone
     if not ctx.is_main:
         return None
     model.load_state_dict(best["state"])

@@ -90,6 +90,7 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
                    if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))  # fmt: skip
     assert stage["bias_correction"]["layers"] == weighted > 0
     assert stage["bias_correction"]["images"] > 0
+    assert stage["bias_correction"]["output_layer"]["op"] == "FULLY_CONNECTED"  # the logits' mean error too
     # Block 1's linear bottleneck was range-equalised before conversion (the float checks still passed).
     [equalised] = stage["equalization"]
     assert equalised["tensor"] == "features.1 -> features.2" and equalised["scale_max"] >= 1.0
@@ -182,6 +183,12 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     assert forced.exit_code == 0, forced.output
     bundle_manifest = json.loads(open(json.loads(forced.stdout)["bundle_dir"] + "/manifest.json").read())
     assert bundle_manifest["forced"] is True and bundle_manifest["parity"]["passed_for_target"] is False
+
+    # A remedy that broke (e.g. an int16x8 model the interpreter refuses) is reported, not a crash.
+    from edgetl.parity import record_remedies
+
+    record_remedies(run_dir, [{"remedy": "16-bit activations", "passed": False, "error": "failed to prepare"}])
+    assert "- 16-bit activations: failed to run: failed to prepare" in (run_dir / "parity.md").read_text()
 
 
 # ----------------------------------------------------------------------------- calibration
