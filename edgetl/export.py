@@ -144,9 +144,9 @@ def bias_correction_wanted(cfg: ExportConfig, manifest: dict[str, Any]) -> bool:
     default (on).
 
     QAT trained the weights against the int8 rounding it simulated, which has no bias correction; the
-    correction would shift the biases QAT chose (measured on two sign-language QAT runs: logit SQNR
-    against the source run's float model 16.8 -> 18.7 dB and 16.4 -> 17.6 dB without it, see
-    benchmarks/results/qat_bench_sign_language*.md).
+    correction would shift the biases QAT chose (two sign-language QAT runs re-exported with and without
+    it: logit SQNR against the original float model 16.8 -> 18.7 dB and 16.4 -> 17.6 dB without it;
+    one-off re-exports, not kept as result files).
     """
     from edgetl.calib import CalibRecipe, load_recipe
 
