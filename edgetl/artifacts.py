@@ -22,6 +22,10 @@ from edgetl.errors import RunDirError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
+# The checkpoints a run's exports come from: the float model and, in a QAT run (edgetl.qat), the
+# quantisation-aware weights its quantised models are built from.
+MODEL = "model.pt"
+QAT_WEIGHTS = "model_qat.pt"
 
 
 @contextlib.contextmanager

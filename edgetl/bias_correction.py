@@ -54,6 +54,20 @@ def _buffer(model: Any, tensor: Any, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype=dtype).reshape(tensor.shape)
 
 
+def _subtract_from_bias(model: Any, op: Any, kind: str, error: np.ndarray) -> None:
+    """Subtract ``error`` (real units, per output channel) from ``op``'s quantised bias, in place."""
+    bias = model.subgraphs[0].tensors[op.inputs[2]]
+    dtype = {2: np.int32, 4: np.int64}.get(bias.type)  # TensorType INT32 = 2, INT64 = 4
+    if dtype is None:
+        raise NotCorrectable(f"unexpected bias type {bias.type} in {kind}")
+    values = _buffer(model, bias, dtype).astype(np.int64)
+    step = np.asarray(bias.quantization.scale, np.float64)
+    values = values - np.round(error / step).astype(np.int64)
+    info = np.iinfo(dtype)
+    clipped = np.clip(values, info.min, info.max).astype(dtype)
+    model.buffers[bias.buffer].data = np.frombuffer(clipped.tobytes(), np.uint8)
+
+
 def _padding(size: int, kernel: int, stride: int, dilation: int, same: bool) -> tuple[int, int]:
     if not same:
         return 0, 0
@@ -155,17 +169,7 @@ def correct(quantized: bytes, float_model_path: str, images: np.ndarray, count: 
         shape[axis] = -1
         wq = _buffer(qmodel, qw, np.int8).astype(np.float64) * np.asarray(qw.quantization.scale).reshape(shape)
         error = expected_error(kind, qop, wq - _buffer(fmodel, fw, np.float32), mean)
-        bias = qgraph.tensors[qop.inputs[2]]
-        dtype = {2: np.int32, 4: np.int64}.get(bias.type)  # TensorType INT32 = 2, INT64 = 4
-        if dtype is None:
-            raise NotCorrectable(f"unexpected bias type {bias.type} in {kind}")
-        values = _buffer(qmodel, bias, dtype).astype(np.int64)
-        step = np.asarray(bias.quantization.scale, np.float64)
-        values = values - np.round(error / step).astype(np.int64)
-        info = np.iinfo(dtype)
-        qmodel.buffers[bias.buffer].data = np.frombuffer(
-            np.clip(values, info.min, info.max).astype(dtype).tobytes(), np.uint8
-        )
+        _subtract_from_bias(qmodel, qop, kind, error)
         out_scale = qgraph.tensors[qop.outputs[0]].quantization.scale[0]
         largest = max(largest, float(np.abs(error).max() / out_scale))
         corrected += 1
@@ -173,25 +177,20 @@ def correct(quantized: bytes, float_model_path: str, images: np.ndarray, count: 
     return bytes(flatbuffer_utils.convert_object_to_bytearray(qmodel)), summary
 
 
-def _run(model: bytes | str, images: np.ndarray) -> np.ndarray:
-    """A model's output for each image, dequantised to float64 when it is quantised."""
-    from ai_edge_litert.interpreter import Interpreter
+def outputs(model: bytes | str, images: np.ndarray) -> np.ndarray:
+    """A model's dequantised output for each image, fed as parity and the device feed it
+    (:class:`edgetl.runtime.model.TFLiteClassifier`: e.g. an int16x8 model's input quantised)."""
+    import tempfile
+    from pathlib import Path
 
-    interpreter = Interpreter(model_content=model) if isinstance(model, bytes) else Interpreter(model_path=model)
-    interpreter.allocate_tensors()
-    feed, fetch = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    scale, zero_point = fetch["quantization"]
-    in_scale, in_zero_point = feed["quantization"]
-    if np.issubdtype(feed["dtype"], np.integer) and in_scale:  # e.g. int16x8's int16 input: quantise the pixels
-        info = np.iinfo(feed["dtype"])
-        images = np.clip(np.round(images / in_scale + in_zero_point), info.min, info.max)
-    out = []
-    for image in images:
-        interpreter.set_tensor(feed["index"], image[None].astype(feed["dtype"]))
-        interpreter.invoke()
-        value = interpreter.get_tensor(fetch["index"])[0].astype(np.float64)
-        out.append((value - zero_point) * scale if scale else value)
-    return np.asarray(out)
+    from edgetl.runtime.model import TFLiteClassifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model, bytes):
+            Path(tmp, "model.tflite").write_bytes(model)
+            model = str(Path(tmp, "model.tflite"))
+        classifier = TFLiteClassifier(model)
+        return np.asarray([classifier.predict(image) for image in images], np.float64)
 
 
 def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, count: int = 128) -> tuple[bytes, dict]:
@@ -228,17 +227,9 @@ def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, 
     if len(op.inputs) < 3 or op.inputs[2] < 0:
         raise NotCorrectable(f"the output {kind} has no bias")
     images = images[:count]
-    error = _run(quantized, images) - _run(float_model_path, images)
+    error = outputs(quantized, images) - outputs(float_model_path, images)
     error = error.reshape(-1, error.shape[-1]).mean(axis=0)
-    bias = graph.tensors[op.inputs[2]]
-    dtype = {2: np.int32, 4: np.int64}.get(bias.type)
-    if dtype is None:
-        raise NotCorrectable(f"unexpected bias type {bias.type} in the output {kind}")
-    step = np.asarray(bias.quantization.scale, np.float64)
-    values = _buffer(qmodel, bias, dtype).astype(np.int64) - np.round(error / step).astype(np.int64)
-    info = np.iinfo(dtype)
-    clipped = np.clip(values, info.min, info.max).astype(dtype)
-    qmodel.buffers[bias.buffer].data = np.frombuffer(clipped.tobytes(), np.uint8)
+    _subtract_from_bias(qmodel, op, f"the output {kind}", error)
     out_scale = graph.tensors[op.outputs[0]].quantization.scale[0]
     shift = float(np.abs(error).max() / out_scale)
     summary = {"op": kind, "images": int(len(images)), "largest_shift_steps": round(shift, 2)}

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.artifacts import read_manifest, update_manifest, write_json
+from edgetl.artifacts import MODEL, QAT_WEIGHTS, read_manifest, update_manifest, write_json
 from edgetl.errors import EdgetlError, ExitCode, RunDirError
 from edgetl.parity import ARTIFACTS, ParityReport, Thresholds, runner_for
 
@@ -169,7 +169,6 @@ def export(
     """
     from edgetl.calib import calibration_set, load_recipe
     from edgetl.parity import check, evaluation_set, torch_logits
-    from edgetl.qat import QAT_WEIGHTS
     from edgetl.runtime.preprocess import PreprocessSpec
     from edgetl.tflite_inspect import inspect_tflite
     from edgetl.train import load_checkpoint
@@ -293,7 +292,7 @@ def export(
         "bias_correction": bias_correction,
         "equalization": equalization,
         "converter": cfg.converter,
-        "int8_weights": QAT_WEIGHTS if int8_model is not None else ("model.pt" if cfg.int8 else None),
+        "int8_weights": QAT_WEIGHTS if int8_model is not None else (MODEL if cfg.int8 else None),
         "onnx_opset": cfg.opset,
         "float_tolerance": cfg.float_tolerance,
         "verified_on_images": int(len(verify)),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl import __version__
-from edgetl.artifacts import atomic_path, dumps_json, read_manifest, verify_files
+from edgetl.artifacts import MODEL, QAT_WEIGHTS, atomic_path, dumps_json, read_manifest, verify_files
 from edgetl.errors import EdgetlError, ExitCode, RunDirError
 from edgetl.targets import Target
 
@@ -192,7 +192,7 @@ def package(
             f"{run_dir} has no {artifact}, which {target.name} ships",
             hint=f"run: edgetl export {run_dir} --target {target.name}",
         )
-    trusted = (artifact, "labels.txt", "model.pt", "model_qat.pt")
+    trusted = (artifact, "labels.txt", MODEL, QAT_WEIGHTS)
     tampered = [n for n in verify_files(run_dir, manifest) if n in trusted]
     if tampered:
         raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
@@ -266,7 +266,7 @@ def package(
             "data_fingerprint": finetune["data"]["fingerprint"],
             "run_model_sha256": manifest["files"]["model.pt"]["sha256"],
             # a QAT run's quantised models come from these weights (edgetl.qat)
-            "qat_weights_sha256": manifest["files"].get("model_qat.pt", {}).get("sha256"),
+            "qat_weights_sha256": manifest["files"].get(QAT_WEIGHTS, {}).get("sha256"),
         },
         "versions": {**finetune.get("versions", {}), **export.get("versions", {})},
     }

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.artifacts import atomic_write, read_manifest, verify_files, write_json
+from edgetl.artifacts import MODEL, QAT_WEIGHTS, atomic_write, read_manifest, verify_files, write_json
 from edgetl.errors import DataError, RunDirError
 
 log = logging.getLogger(__name__)
@@ -220,13 +220,13 @@ def check(
     names = artifacts or [n for n in ARTIFACTS if n in manifest["files"]]
     if not names:
         raise RunDirError(f"{run_dir} has no exported models to check", hint="run edgetl export first")
-    tampered = [n for n in verify_files(run_dir, manifest) if n in names or n in ("model.pt", "model_qat.pt")]
+    tampered = [n for n in verify_files(run_dir, manifest) if n in names or n in (MODEL, QAT_WEIGHTS)]
     if tampered:
         raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
 
     images, description, classes, _ = evaluation_set(run_dir, manifest, data)
     if "qat" in manifest["stages"]:
-        description["quantised_from"] = "model_qat.pt"  # edgetl.qat: the reference stays model.pt
+        description["quantised_from"] = QAT_WEIGHTS  # edgetl.qat: the reference stays model.pt
     model, _ = load_checkpoint(run_dir)
     labels = images.labels
     reference = torch_logits(model, images.images)

@@ -52,7 +52,6 @@ from edgetl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-QAT_WEIGHTS = "model_qat.pt"  # in a QAT run, beside the original model.pt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,14 +165,23 @@ class QuantSim(nn.Module):
 DISTILL_TEMPERATURE = 2.0
 
 
+def _kl_from(reference: nn.Module, pixels: torch.Tensor, logits: torch.Tensor, t: float) -> torch.Tensor:
+    """KL divergence of the simulated int8 ``logits`` from ``reference``'s predictions at temperature
+    ``t`` (no gradient through the reference), times t^2 so its gradients keep their scale (Hinton)."""
+    with torch.no_grad():
+        target = F.softmax(reference(pixels) / t, dim=1)
+    return t * t * F.kl_div(F.log_softmax(logits / t, dim=1), target, reduction="batchmean")
+
+
 def _train_epoch(model: nn.Module, sim: QuantSim, images: torch.Tensor, labels: np.ndarray, train_cfg: Any,
                  optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, cfg: QATConfig,
                  teacher: nn.Module | None = None) -> dict[str, float]:
     """One epoch on the training split (the run's own augmentation) through the int8 simulation.
 
     Loss: cross-entropy of the simulated int8 logits, plus ``cfg.consistency`` x KL divergence from the
-    same weights' float predictions (no gradient through those): the parity gate asks the int8 model to
-    agree with the float one, so disagreement is penalised directly. The model stays in eval mode:
+    same weights' float predictions and ``cfg.distill`` x KL divergence from ``teacher``'s (the original
+    model; None when distill is 0): the parity gate asks the int8 model to agree with the original float
+    model, so disagreement is penalised directly. The model stays in eval mode:
     frozen BatchNorm statistics (folded by the simulation), no dropout.
     """
     from edgetl.train import augment
@@ -189,15 +197,9 @@ def _train_epoch(model: nn.Module, sim: QuantSim, images: torch.Tensor, labels: 
         logits = sim(pixels)
         loss = F.cross_entropy(logits, targets[index], label_smoothing=train_cfg.label_smoothing)
         if cfg.consistency > 0:
-            with torch.no_grad():
-                reference = F.softmax(model(pixels), dim=1)
-            loss = loss + cfg.consistency * F.kl_div(F.log_softmax(logits, dim=1), reference, reduction="batchmean")
-        if teacher is not None and cfg.distill > 0:
-            t = DISTILL_TEMPERATURE
-            with torch.no_grad():
-                target = F.softmax(teacher(pixels) / t, dim=1)
-            kl = F.kl_div(F.log_softmax(logits / t, dim=1), target, reduction="batchmean")
-            loss = loss + cfg.distill * t * t * kl
+            loss = loss + cfg.consistency * _kl_from(model, pixels, logits, 1.0)
+        if teacher is not None:
+            loss = loss + cfg.distill * _kl_from(teacher, pixels, logits, DISTILL_TEMPERATURE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -219,7 +221,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
         ConfigError: bad settings, or ``out_dir`` already exists.
         RunDirError, DataError: as :func:`edgetl.export.export` (no run, changed data, leakage).
     """
-    from edgetl.artifacts import atomic_path, read_manifest, update_manifest, write_json
+    from edgetl.artifacts import QAT_WEIGHTS, atomic_path, read_manifest, update_manifest, write_json
     from edgetl.calib import calibration_set, load_recipe
     from edgetl.config import FinetuneConfig
     from edgetl.data import load_split

@@ -143,15 +143,15 @@ def test_output_correction_removes_the_mean_error_at_the_output(tiny_models):
 
 
 def test_output_correction_quantises_the_input_of_an_int16x8_model(tiny_models):
-    from edgetl.bias_correction import _run, correct_output
+    from edgetl.bias_correction import correct_output, outputs
 
     float_path, _, images = tiny_models
     model = TINY_INT16X8[-1]
     reference = _outputs(float_path, images[32:])
-    before = _run(model, images[32:])
+    before = outputs(model, images[32:])
     assert np.abs(before - reference).mean() < 0.3 * np.abs(reference).mean()  # raw pixels as int16: ~100 %
     corrected, _ = correct_output(model, float_path, images[:32])
-    after = _run(corrected, images[32:])
+    after = outputs(corrected, images[32:])
     shift = lambda out: np.abs((out - reference).mean(axis=(0, 1, 2))).max()  # noqa: E731
     assert shift(after) <= shift(before)
 
