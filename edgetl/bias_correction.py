@@ -200,11 +200,11 @@ def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, 
 
     :func:`correct` removes each layer's *own* expected weight-rounding error. What reaches the logits
     also carries the mean of everything rounded upstream (activations included), passed through the
-    ReLU6s; on the sign-language run a per-class logit shift of up to 0.5 was left, as large as the
-    error's spread. The output layer is linear, so the correction is exact for the mean. Measured there:
-    int8 agreement with float 96.84 % -> 98.05 %, int16x8 99.51 % -> 99.76 %. Correcting inner layers
-    the same way, through their clipping activations, made the model worse (tried, not kept). Raises
-    NotCorrectable when the output is not a weighted op's linear output.
+    ReLU6s; on the sign-language run a per-class logit shift comparable to the error's spread was left.
+    The output layer is linear, so the correction is exact for the mean. Measured there
+    (benchmarks/export_bench.py): int8 agreement with float 96.84 % -> 98.05 %, int16x8 99.51 % ->
+    99.76 %. Correcting inner layers the same way, through their clipping activations, made the model
+    worse (tried, not kept). Raises NotCorrectable when the output is not a weighted op's linear output.
     """
     from tensorflow.lite.tools import flatbuffer_utils
 

@@ -144,9 +144,8 @@ def bias_correction_wanted(cfg: ExportConfig, manifest: dict[str, Any]) -> bool:
     default (on).
 
     QAT trained the weights against the int8 rounding it simulated, which has no bias correction; the
-    correction would shift the biases QAT chose (two sign-language QAT runs re-exported with and without
-    it: logit SQNR against the original float model 16.8 -> 18.7 dB and 16.4 -> 17.6 dB without it;
-    one-off re-exports, not kept as result files).
+    correction would shift the biases QAT chose. (Re-exporting two sign-language QAT runs with and
+    without it favoured leaving it off; a one-off comparison, not a kept benchmark.)
     """
     from edgetl.calib import CalibRecipe, load_recipe
 
