@@ -201,14 +201,21 @@ def export(
         guard = list(val.paths) + ([str(s.path) for s in splits.test] if splits else [])
         calibration = calibration_set(splits, spec, recipe, cfg.calib_dir, guard_paths=guard)
         log.info("calibration: %d images (sha256 %s…)", len(calibration.paths), calibration.sha256[:12])
-    equalization = None
+    qat_weights = int8_model is not None
+    equalization = relu_equalization = None
     if calibration is not None and cfg.equalize:
-        from edgetl.prequant import equalize
+        from edgetl.prequant import equalize, equalize_for_int8, equalize_relu
 
-        # Exact in float: the exports below are still checked against ``reference``.
-        equalization = equalize(model, calibration.images)
-        if int8_model is not None:
-            equalize(int8_model, calibration.images)  # QAT trained it equalised: scales of ~1 now
+        # equalize is exact in float: the exports below are still checked against ``reference``; equalize_relu
+        # is not above the calibration maxima, so it goes into the int8 model's own graph (direct route only).
+        if int8_model is not None:  # QAT trained them equalised: scales of ~1 now
+            equalization = equalize(model, calibration.images)
+            equalize(int8_model, calibration.images)
+            relu_equalization = equalize_relu(int8_model, calibration.images)
+        elif cfg.converter == "direct":
+            int8_model, equalization, relu_equalization = equalize_for_int8(model, calibration.images)
+        else:
+            equalization = equalize(model, calibration.images)
 
     workdir = (run_dir / WORKDIR).resolve()  # absolute: the converter runs with its own cwd
     shutil.rmtree(workdir, ignore_errors=True)
@@ -290,8 +297,9 @@ def export(
         "calibration": calibration.description if calibration else None,
         "bias_correction": bias_correction,
         "equalization": equalization,
+        "relu_equalization": relu_equalization,
         "converter": cfg.converter,
-        "int8_weights": QAT_WEIGHTS if int8_model is not None else (MODEL if cfg.int8 else None),
+        "int8_weights": QAT_WEIGHTS if qat_weights else (MODEL if cfg.int8 else None),
         "onnx_opset": cfg.opset,
         "float_tolerance": cfg.float_tolerance,
         "verified_on_images": int(len(verify)),

@@ -226,7 +226,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     from edgetl.config import FinetuneConfig
     from edgetl.data import load_split
     from edgetl.parity import evaluation_set
-    from edgetl.prequant import equalize
+    from edgetl.prequant import equalize, equalize_relu
     from edgetl.runtime.preprocess import PreprocessSpec
     from edgetl.train import load_checkpoint, predict_logits
 
@@ -247,8 +247,9 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
 
     original = predict_logits(model, val.images, cpu)
     equalization = equalize(model, calibration.images)  # what the export does first; exact in float
-    sim = QuantSim(model)
     teacher = copy.deepcopy(model).requires_grad_(False) if cfg.distill > 0 else None
+    equalize_relu(model, calibration.images)  # and then to the int8 model's weights (not exact above the ranges)
+    sim = QuantSim(model)
     history = []
 
     def evaluate(epoch: int, train_stats: dict[str, float] | None) -> None:

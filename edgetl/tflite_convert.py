@@ -10,8 +10,9 @@ JOB.json: ``{"graph": bool, "onnx": path or null, "workdir": path, "int8": bool,
 "float_model": path of the float32 .tflite (default: workdir's)}``. The float model comes from
 the workdir's ``graph.npz`` with "graph" (:mod:`edgetl.tf_graph`, the default route) or from "onnx"
 through onnx2tf (a SavedModel in ``tf/``); a job with neither re-quantises the float model of an
-earlier job. When the workdir also holds ``graph_int8.npz`` (a QAT run: the quantisation-aware
-weights, see :mod:`edgetl.qat`), the quantised models are made from that graph instead, and bias
+earlier job. When the workdir also holds ``graph_int8.npz`` (the int8 model's own weights: ReLU6
+ranges equalised, :func:`edgetl.prequant.equalize_relu`, and in a QAT run the quantisation-aware
+weights, :mod:`edgetl.qat`), the quantised models are made from that graph instead, and bias
 correction, if asked for, pairs them with that graph's own float model.
 Outputs in workdir: ``model_float32.tflite``, the quantised model(s) and,
 with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line on
@@ -32,7 +33,8 @@ from typing import Any
 
 # The direct route's float model (see edgetl.tf_graph), written by the export into the workdir.
 GRAPH = "graph.npz"
-# A QAT run's int8 weights (edgetl.qat), when the export writes them: quantised models come from it.
+# The int8 model's own weights (edgetl.prequant, edgetl.qat), when the export writes them: quantised
+# models come from it.
 GRAPH_INT8 = "graph_int8.npz"
 # onnx2tf downloads this sample file unless it is in its working directory. edgetl never uses it
 # (int8 calibration is done below on the run's own images), so a small stand-in keeps it offline.

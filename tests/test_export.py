@@ -52,6 +52,28 @@ def test_size_breakdown_accounts_for_per_channel_parameters(exported_run):
     assert 0 <= int8["other"] < int8["file"] // 2
 
 
+def test_int8_model_is_built_from_the_relu_equalised_graph(exported_run):
+    """Block 1's depthwise weights: per-channel int8 scales are the folded float weights' max / 127,
+    divided by the channel's ReLU6 equalisation factor (>= 1, > 1 where the stem's channel was narrow)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from edgetl.tf_graph import fold
+
+    _, run_dir = exported_run
+    model, _ = load_checkpoint(run_dir)
+    block = model.net.features[1].conv[0]
+    weight, _ = fold(block[0], block[1], torch.float64)
+    expected = weight.detach().abs().amax((1, 2, 3)).numpy() / 127
+    interpreter = Interpreter(model_path=str(run_dir / "model_int8.tflite"),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    depthwise = next(op for op in interpreter._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D")
+    details = next(t for t in interpreter.get_tensor_details() if t["index"] == depthwise["inputs"][1])
+    ratio = details["quantization_parameters"]["scales"] / expected
+    assert len(ratio) == len(expected)
+    assert (ratio <= 1 + 1e-4).all() and ratio.min() < 0.9, ratio
+
+
 def test_float_model_is_not_mistaken_for_int8(exported_run):
     _, run_dir = exported_run
     problems = inspect_tflite(str(run_dir / "model_float32.tflite")).full_integer_problems()
@@ -94,6 +116,9 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
     # Block 1's linear bottleneck was range-equalised before conversion (the float checks still passed).
     [equalised] = stage["equalization"]
     assert equalised["tensor"] == "features.1 -> features.2" and equalised["scale_max"] >= 1.0
+    # ... and the int8 model's own graph had every ReLU6 that feeds a depthwise convolution equalised.
+    assert [r["tensor"] for r in stage["relu_equalization"]] == ["features.0"] + [
+        f"features.{i}.conv.0" for i in range(2, 18)]  # fmt: skip
     assert int8.get("max_abs_logit_diff_vs_torch") is None
     assert stage["artifacts"]["model_float32.tflite"]["max_abs_logit_diff_vs_torch"] <= 1e-4
 
@@ -154,7 +179,7 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     assert payload["parity"]["model_int8.tflite"]["passed"] is False
     assert payload["parity"]["model.onnx"]["passed"] is True
     remedies = {r["remedy"]: r for r in payload["remedies"]}
-    assert remedies["diagnosis"]["worst_layers"], remedies["diagnosis"]
+    assert remedies["diagnosis"].get("worst_layers"), remedies["diagnosis"]
     assert remedies["diagnosis"]["worst_layers"][0]["rmse_over_scale"] > 0
     # Layers are named by their PyTorch module path (the direct converter scopes the TF ops with it).
     model, _ = load_checkpoint(run_dir)

@@ -42,26 +42,100 @@ def test_only_linear_bottlenecks_that_feed_one_block_are_paired(model):
             assert i not in pairs
 
 
-def test_equalisation_is_exact_in_float_and_equalises_the_ranges(model):
+def _ranges(model, module, images):
+    """Per-channel (min, max) of ``module``'s output on ``images``."""
+    from edgetl.parity import torch_logits
+
+    seen = []
+    hook = module.register_forward_hook(lambda m, x, y: seen.append((y.amin((0, 2, 3)), y.amax((0, 2, 3)))))
+    try:
+        torch_logits(model, images)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_equalisation_is_exact_in_float_and_centres_and_equalises_the_ranges(model):
     from edgetl.parity import torch_logits
     from edgetl.prequant import equalize
 
     images = _images()
     before = torch_logits(model, images)
-    seen = []
-    hook = model.net.features[1].register_forward_hook(lambda m, x, y: seen.append(y.abs().amax((0, 2, 3))))
-    torch_logits(model, images)
-    ranges_before = seen.pop()
+    low, high = _ranges(model, model.net.features[1], images)
+    half = (high - low) / 2
 
     records = equalize(model, images)
 
     after = torch_logits(model, images)
-    ranges_after = (torch_logits(model, images), seen.pop())[1]
-    hook.remove()
+    low_after, high_after = _ranges(model, model.net.features[1], images)
     assert np.abs(after - before).max() <= 1e-4 * max(1.0, np.abs(before).max())
-    assert ranges_before.max() / ranges_before.min() > 2  # they differed
-    assert torch.allclose(ranges_after, ranges_after.max().expand_as(ranges_after), rtol=1e-4)
+    assert half.max() / half.min() > 2  # they differed
+    assert (low + high).abs().max() > 0.1 * half.max()  # and were not centred
+    assert torch.allclose(high_after, half.max().expand_as(high_after), rtol=1e-4)
+    assert torch.allclose(low_after, -high_after, rtol=1e-4)
     assert len(records) == 1 and records[0]["tensor"] == "features.1 -> features.2"
-    assert records[0]["channels"] == len(ranges_before)
-    assert records[0]["scale_max"] == pytest.approx(float(ranges_before.max() / ranges_before.min()), rel=1e-4)
+    assert records[0]["channels"] == len(half)
+    assert records[0]["scale_max"] == pytest.approx(float(half.max() / half.min()), rel=1e-4)
 
+
+def test_relu_equalisation_pairs_every_relu6_that_feeds_a_depthwise_convolution(model):
+    from edgetl.prequant import relu_pairs
+
+    pairs = relu_pairs(model.net.features)
+    assert [name for name, _, _ in pairs] == ["features.0"] + [f"features.{i}.conv.0" for i in range(2, 18)]
+    for _, producer, depthwise in pairs:
+        assert isinstance(producer[2], torch.nn.ReLU6)
+        assert depthwise[0].groups == depthwise[0].in_channels == producer[0].out_channels
+
+
+def test_relu_equalisation_is_exact_up_to_the_calibration_maxima(model):
+    from edgetl.parity import torch_logits
+    from edgetl.prequant import MAX_RELU_SCALE, equalize_relu, relu_pairs
+
+    images = _images()
+    with torch.no_grad():  # a channel that is never positive must be left alone, not divided by zero
+        model.net.features[2].conv[0][1].bias[0] = -1e3
+    before = torch_logits(model, images)
+    maxima_before = [_ranges(model, producer, images)[1] for _, producer, _ in relu_pairs(model.net.features)]
+
+    records = equalize_relu(model, images)
+
+    after = torch_logits(model, images)
+    assert np.abs(after - before).max() <= 1e-4 * max(1.0, np.abs(before).max())  # same images: exact
+    assert len(records) == 17
+    for (name, producer, _), maxima, record in zip(relu_pairs(model.net.features), maxima_before, records,
+                                                   strict=True):  # fmt: skip
+        alive = maxima > 0
+        expected = torch.minimum(maxima.max().expand_as(maxima), maxima * MAX_RELU_SCALE)  # capped scale
+        high = _ranges(model, producer, images)[1]
+        assert torch.allclose(high[alive], expected[alive], rtol=1e-3), name
+        assert record["dead_channels"] == int((~alive).sum())
+        ratio = min(float(maxima.max() / maxima[alive].min()), MAX_RELU_SCALE)
+        assert record["scale_max"] == pytest.approx(ratio, rel=1e-3), name
+    assert records[1]["dead_channels"] >= 1
+    assert max(r["scale_max"] for r in records) == MAX_RELU_SCALE  # this model has a nearly dead channel
+
+
+def test_equalize_for_int8_is_both_transforms_in_one_pass(model):
+    import copy
+
+    from edgetl.parity import torch_logits
+    from edgetl.prequant import equalize, equalize_for_int8, equalize_relu
+
+    images = _images()
+    stem_gamma = model.net.features[0][1].weight.detach().clone()
+    sequential = copy.deepcopy(model)
+    expected_records = equalize(sequential, images)
+    expected_relu = equalize_relu(sequential, images)
+
+    int8_model, records, relu_records = equalize_for_int8(model, images)
+
+    assert int8_model is not model and records == expected_records
+    assert [r["tensor"] for r in relu_records] == [r["tensor"] for r in expected_relu]
+    for got, want in zip(relu_records, expected_relu, strict=True):
+        assert got["scale_max"] == pytest.approx(want["scale_max"], rel=1e-3)
+    # model: the exact transform only; the copy: both (same logits on the calibration images either way)
+    assert torch.equal(model.net.features[0][1].weight, stem_gamma)  # the float model's stem: untouched
+    assert not torch.allclose(stem_gamma, int8_model.net.features[0][1].weight)
+    assert torch.allclose(int8_model.net.features[0][1].weight, sequential.net.features[0][1].weight, rtol=1e-3)
+    np.testing.assert_allclose(torch_logits(int8_model, images), torch_logits(sequential, images), atol=1e-4)
