@@ -221,7 +221,7 @@ def _parity_lines(report: Any) -> list[str]:
 @click.option("--bias-correction/--no-bias-correction", default=None,
               help="Correct each int8 layer's weight-rounding shift [the recipe's setting: on].")
 @click.option("--equalize/--no-equalize", default=True,
-              help="Equalise linear-bottleneck activation ranges before int8 conversion (exact in float) [on].")
+              help="Equalise channel ranges in the int8 model's weights before conversion [on].")
 @click.option("--converter", type=click.Choice(["direct", "onnx2tf"]), default="direct", show_default=True,
               help="TFLite route: rebuild the model in TensorFlow from its weights, or convert the ONNX with onnx2tf.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

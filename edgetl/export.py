@@ -57,7 +57,7 @@ class ExportConfig:
     verify_images: int = 64  # validation images used for that float check
     remedies: bool = True  # when int8 fails parity: diagnose and try remedies
     bias_correction: bool | None = None  # None: the recipe decides (on by default)
-    equalize: bool = True  # int8: equalise linear-bottleneck activation ranges first (edgetl.prequant)
+    equalize: bool = True  # int8: equalise activation ranges in the int8 model's weights first (edgetl.prequant)
     converter: str = "direct"  # TFLite route: "direct" (edgetl.tf_graph) or "onnx2tf"
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -204,17 +204,12 @@ def export(
     qat_weights = int8_model is not None
     equalization = relu_equalization = None
     if calibration is not None and cfg.equalize:
-        from edgetl.prequant import equalize, equalize_for_int8, equalize_relu
+        from edgetl.prequant import equalize, equalize_for_int8
 
-        # equalize is exact in float: the exports below are still checked against ``reference``; equalize_relu
-        # is not above the calibration maxima, so it goes into the int8 model's own graph (direct route only).
-        if int8_model is not None:  # QAT trained them equalised: scales of ~1 now
-            equalization = equalize(model, calibration.images)
-            equalize(int8_model, calibration.images)
-            relu_equalization = equalize_relu(int8_model, calibration.images)
-        elif cfg.converter == "direct":
-            int8_model, equalization, relu_equalization = equalize_for_int8(model, calibration.images)
-        else:
+        if cfg.converter == "direct":  # the int8 model gets its own graph; the float exports are the trained model
+            weights = int8_model if int8_model is not None else model  # a QAT run trained them equalised: ~1 now
+            int8_model, equalization, relu_equalization = equalize_for_int8(weights, calibration.images)
+        else:  # onnx2tf quantises the ONNX model: the exact transform only, checked against ``reference`` below
             equalization = equalize(model, calibration.images)
 
     workdir = (run_dir / WORKDIR).resolve()  # absolute: the converter runs with its own cwd

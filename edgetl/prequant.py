@@ -2,32 +2,34 @@
 
 An int8 activation tensor has one scale and zero point for all its channels, so a channel whose values
 span 0.1 while another spans 7 is rounded as coarsely as the widest one, and a later layer that
-amplifies the narrow channel amplifies its rounding noise too. Two transforms move per-channel factors
-into the weights around such a tensor (Nagel et al. 2019, "Data-Free Quantization", cross-layer
-equalisation, applied here to *activation* ranges measured on the calibration images):
+amplifies the narrow channel amplifies its rounding noise too. Both transforms here move per-channel
+factors into the weights around such tensors (Nagel et al. 2019, "Data-Free Quantization", cross-layer
+equalisation, applied to *activation* ranges measured on the calibration images):
 
-**Linear bottlenecks** (:func:`equalize`, exact in float). Block 1's projection is linear (conv +
-BatchNorm, no activation) and feeds block 2 alone (no residual on either side), so channel ``c`` of
-that tensor can be shifted by ``t_c`` and scaled by ``s_c`` — the projection's BatchNorm shifts and
-scales its output, the next 1x1 convolution divides column ``c`` by ``s_c`` and absorbs the shift in
-its BatchNorm's mean — without changing the function. The shift centres each channel's range
-``[lo_c, hi_c]`` on zero and ``s_c = R / r_c`` (``r_c`` its half-width, ``R`` the largest) makes every
-channel span the tensor's whole int8 range. The export applies it to the model it converts to float
-too; the 1e-4 logit check against the trained model still applies.
+**Linear streams** (:func:`equalize`, exact in float). Each stage of MobileNetV2 is a stream of linear
+tensors: block ``i``'s projection (conv + BatchNorm, no activation) starts it, the stage's residual
+blocks add their projections to it, and 1x1 convolutions read it (the residual blocks' expansions, then
+the next stage's first block or the final 1x1 conv). Channel ``c`` of the whole stream can be shifted by
+``t_c`` and scaled by ``s_c`` without changing the function: the first projection's BatchNorm shifts and
+scales, every later projection scales, every reader divides its input column ``c`` by ``s_c`` and
+absorbs the shift in its BatchNorm's running mean. The shift centres channel ``c``'s range (over the
+stream's start and its sums) on zero, and ``s_c = R / r_c`` (``r_c`` the channel's half-width, or
+the residual projections' largest magnitude if wider; ``R`` the largest ``r_c``) makes every channel
+span the stream's widest range.
 
-**ReLU6 outputs that feed a depthwise convolution** (:func:`equalize_relu`, int8 model only). The
-stem and every expansion convolution end in ReLU6 and feed a depthwise convolution, whose weights are
-quantised per channel: dividing its channel ``c`` by ``s_c`` costs nothing in weight precision.
-Scaling the ReLU6 input by ``s_c = R / r_c`` (``r_c`` the channel's calibration maximum, ``R`` the
-tensor's) is exact while the scaled value stays under 6, i.e. for every value up to ``6 r_c / R >= r_c``;
+**ReLU6 outputs that feed a depthwise convolution** (:func:`equalize_relu`). The stem and every
+expansion end in ReLU6 and feed a depthwise convolution, whose weights are quantised per channel:
+dividing its channel ``c`` by ``s_c`` costs no weight precision. Scaling the ReLU6 input by
+``s_c = R / r_c`` (``r_c`` the channel's calibration maximum, ``R`` the tensor's; at most
+:data:`MAX_RELU_SCALE`) is exact while the scaled value stays under 6, i.e. up to ``6 r_c / R >= r_c``;
 above that the transformed model clips channel ``c`` earlier. The int8 model clips at the calibrated
-range anyway (``R`` before, ``r_c`` in the channel's own units after), so the change is per-channel
-instead of per-tensor clipping at the calibration maximum — but the float function is not exactly
-the same, so the export applies it to the int8 model alone (a second graph, like a QAT run's weights)
-and checks the result against the original model like any int8 model.
+range anyway (``R``; in the channel's own units ``r_c`` after), so this is per-channel instead of
+per-tensor clipping at the calibration maximum -- but not exactly the float function.
 
-Measured on the sign-language run (411 validation images; ``benchmarks/export_bench.py``, results in
-``benchmarks/results/export_bench_sign_language_cpu.md``).
+The export therefore builds the int8 model from a transformed copy (:func:`equalize_for_int8`, its own
+graph, see :mod:`edgetl.tflite_convert`) and the float exports from the trained model itself; the int8
+model is checked against the trained model like any other. Measured on the sign-language run (411
+validation images): see ``benchmarks/results/export_bench_sign_language_cpu.md``.
 """
 
 from __future__ import annotations
@@ -42,20 +44,6 @@ log = logging.getLogger(__name__)
 # At most this factor per ReLU6 channel: the depthwise weights shrink by it and their int32 bias grows by it
 # (bias scale = input scale x weight scale), and a near-dead channel gains little from more.
 MAX_RELU_SCALE = 256.0
-
-
-def linear_pairs(features: Any) -> list[int]:
-    """Indices ``i`` where block ``i``'s linear projection feeds block ``i + 1`` and nothing else."""
-    from torchvision.models.mobilenetv2 import InvertedResidual
-
-    pairs = []
-    for i in range(len(features) - 1):
-        a, b = features[i], features[i + 1]
-        if isinstance(a, InvertedResidual) and isinstance(b, InvertedResidual):
-            # a residual on either side would add the unscaled tensor; block b must start with a 1x1 expansion
-            if not a.use_res_connect and not b.use_res_connect and len(b.conv) == 4:
-                pairs.append(i)
-    return pairs
 
 
 def _channel_ranges(model: Any, modules: list[Any], images: np.ndarray) -> list[tuple[Any, Any]]:
@@ -81,54 +69,97 @@ def _channel_ranges(model: Any, modules: list[Any], images: np.ndarray) -> list[
              torch.stack([hi for _, hi in batches]).amax(0).double()) for batches in seen]  # fmt: skip
 
 
+def streams(features: Any) -> list[dict[str, Any]]:
+    """MobileNetV2's stages as linear streams: ``{"first": i, "residual": [j, ...], "readers": [...]}``.
+
+    Block ``i`` (no residual) starts the stream, blocks ``j`` add their projections to it, and every
+    reader is a conv + BatchNorm sequence whose 1x1 convolution reads the stream (the residual blocks'
+    expansions and the next block's, or the final 1x1 conv). A stage read by anything else is left out.
+    """
+    from torch import nn
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    def reader(module: Any) -> Any:
+        first = module.conv[0] if isinstance(module, InvertedResidual) else module
+        ok = (isinstance(first, nn.Sequential) and len(first) >= 2 and isinstance(first[0], nn.Conv2d)
+              and first[0].kernel_size == (1, 1) and first[0].groups == 1 and isinstance(first[1], nn.BatchNorm2d))
+        return first if ok else None  # fmt: skip
+
+    found = []
+    i = 0
+    while i < len(features):
+        block = features[i]
+        if not isinstance(block, InvertedResidual) or block.use_res_connect:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(features) and isinstance(features[j], InvertedResidual) and features[j].use_res_connect:
+            j += 1
+        readers = [reader(features[k]) for k in range(i + 1, min(j + 1, len(features)))]
+        if j < len(features) and readers and all(r is not None for r in readers):
+            found.append({"first": i, "residual": list(range(i + 1, j)), "readers": readers})
+        i = j
+    return found
+
+
+def _stream_tensors(features: Any, stream: dict[str, Any]) -> list[Any]:
+    """Modules whose outputs are the stream's int8 tensors: the first block, then each residual block's
+    projection and the block (its sum)."""
+    modules = [features[stream["first"]]]
+    for j in stream["residual"]:
+        modules += [features[j].conv, features[j]]
+    return modules
+
+
 def equalize(model: Any, images: np.ndarray, max_images: int = 128) -> list[dict[str, Any]]:
-    """Centre and equalise, in place, the channel ranges of every linear bottleneck that feeds one block.
+    """Centre and equalise, in place, the channel ranges of every linear stream (exact in float).
 
     Args:
         model: an :class:`edgetl.model.EdgeClassifier` (MobileNetV2) in eval mode.
         images: calibration images, uint8 ``[N, H, W, 3]`` (never validation images).
         max_images: how many of them to measure ranges on.
 
-    Returns one record per equalised tensor: block, channels, smallest/largest half-range, largest
-    scale and shift.
+    Returns one record per stream: its blocks, channels, largest scale and shift.
     """
-    pairs = linear_pairs(model.net.features)
-    if not pairs:
-        return []
-    return _equalize_linear(model.net.features, pairs, _channel_ranges(model, [model.net.features[i] for i in pairs],
-                                                                       images[:max_images]))  # fmt: skip
+    found = streams(model.net.features)
+    modules = [m for stream in found for m in _stream_tensors(model.net.features, stream)]
+    return _equalize_streams(model.net.features, found, _channel_ranges(model, modules, images[:max_images]))
 
 
-def _equalize_linear(features: Any, pairs: list[int], measured: list[tuple[Any, Any]]) -> list[dict[str, Any]]:
+def _equalize_streams(features: Any, found: list[dict[str, Any]], measured: list[tuple[Any, Any]]) -> list[dict]:
     import torch
 
     records = []
-    for i, (low, high) in zip(pairs, measured, strict=True):
+    for stream in found:
+        count = 1 + 2 * len(stream["residual"])
+        tensors, measured = measured[:count], measured[count:]
+        starts_and_sums, projections = tensors[0::2], tensors[1::2]
+        low = torch.stack([lo for lo, _ in starts_and_sums]).amin(0)
+        high = torch.stack([hi for _, hi in starts_and_sums]).amax(0)
+        shift = -(low + high) / 2  # the residual projections are not shifted: only the stream is
         half = (high - low) / 2
+        for lo, hi in projections:
+            half = torch.maximum(half, torch.maximum(lo.abs(), hi.abs()))
+        name = "features." + "+".join(str(b) for b in [stream["first"], *stream["residual"]])
         if bool((half <= 0).any()):
-            log.info("equalisation: block %d has a constant channel; left unchanged", i)
+            log.info("equalisation: %s has a constant channel; left unchanged", name)
             continue
-        shift = -(low + high) / 2  # centre each channel's range on zero ...
-        scale = half.max() / half  # ... then give every channel the widest one's
-        bn = features[i].conv[-1]  # the projection's BatchNorm: its affine part shifts and scales the output
-        expand, expand_bn = features[i + 1].conv[0][0], features[i + 1].conv[0][1]
+        scale = half.max() / half
+        projection_bns = [features[b].conv[-1] for b in [stream["first"], *stream["residual"]]]
         with torch.no_grad():
-            weight = expand.weight.double()[:, :, 0, 0]
-            expand_bn.running_mean.add_((weight @ shift).to(expand_bn.running_mean.dtype))  # W (y + t) - W t
-            bn.bias.add_(shift.to(bn.bias.dtype))
-            bn.weight.mul_(scale.to(bn.weight.dtype))
-            bn.bias.mul_(scale.to(bn.bias.dtype))
-            expand.weight.div_(scale.to(expand.weight.dtype)[None, :, None, None])
-        records.append({
-            "tensor": f"features.{i} -> features.{i + 1}",
-            "channels": int(len(half)),
-            "range_min": float(half.min()),
-            "range_max": float(half.max()),
-            "scale_max": float(scale.max()),
-            "shift_max": float(shift.abs().max()),
-        })  # fmt: skip
-        log.info("equalised features.%d output: %d channels, half-ranges %.3g..%.3g, shifts up to %.3g", i,
-                 len(half), float(half.min()), float(half.max()), float(shift.abs().max()))  # fmt: skip
+            for reader in stream["readers"]:  # W (s (x + t)) / s = W x + W t: the BatchNorm's mean absorbs W t
+                weight = reader[0].weight.double()[:, :, 0, 0]
+                reader[1].running_mean.add_((weight @ shift).to(reader[1].running_mean.dtype))
+                reader[0].weight.div_(scale.to(reader[0].weight.dtype)[None, :, None, None])
+            projection_bns[0].bias.add_(shift.to(projection_bns[0].bias.dtype))
+            for bn in projection_bns:
+                bn.weight.mul_(scale.to(bn.weight.dtype))
+                bn.bias.mul_(scale.to(bn.bias.dtype))
+        records.append({"tensor": name, "channels": int(len(half)), "range_min": float(half.min()),
+                        "range_max": float(half.max()), "scale_max": float(scale.max()),
+                        "shift_max": float(shift.abs().max())})  # fmt: skip
+    if records:
+        log.info("equalised %d linear streams, scales up to %.3g", len(records), max(r["scale_max"] for r in records))
     return records
 
 
@@ -183,14 +214,15 @@ def _equalize_relu(pairs: list[tuple[str, Any, Any]], measured: list[tuple[Any, 
 
 
 def equalize_for_int8(model: Any, images: np.ndarray, max_images: int = 128) -> tuple[Any, list, list]:
-    """:func:`equalize` ``model`` in place and return a copy with :func:`equalize_relu` applied too, for
-    the int8 graph: ``(copy, equalize's records, equalize_relu's records)``. One pass over the images
-    (the exact transform leaves the ReLU6 outputs as they were)."""
+    """A copy of ``model`` for the int8 graph with both transforms applied, from one pass over the images:
+    ``(copy, equalize's records, equalize_relu's records)``. ``model`` itself is not changed (the exact
+    stream transform leaves the ReLU6 outputs as they were, so one measurement serves both)."""
     import copy
 
-    features = model.net.features
-    linear, relus = linear_pairs(features), relu_pairs(features)
-    measured = _channel_ranges(model, [features[i] for i in linear] + [a for _, a, _ in relus], images[:max_images])
-    records = _equalize_linear(features, linear, measured[: len(linear)])
     int8_model = copy.deepcopy(model)
-    return int8_model, records, _equalize_relu(relu_pairs(int8_model.net.features), measured[len(linear):])
+    features = int8_model.net.features
+    found, relus = streams(features), relu_pairs(features)
+    modules = [m for stream in found for m in _stream_tensors(features, stream)]
+    measured = _channel_ranges(int8_model, modules + [a for _, a, _ in relus], images[:max_images])
+    records = _equalize_streams(features, found, measured[: len(modules)])
+    return int8_model, records, _equalize_relu(relus, measured[len(modules):])

@@ -113,10 +113,10 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
     assert stage["bias_correction"]["layers"] == weighted > 0
     assert stage["bias_correction"]["images"] > 0
     assert stage["bias_correction"]["output_layer"]["op"] == "FULLY_CONNECTED"  # the logits' mean error too
-    # Block 1's linear bottleneck was range-equalised before conversion (the float checks still passed).
-    [equalised] = stage["equalization"]
-    assert equalised["tensor"] == "features.1 -> features.2" and equalised["scale_max"] >= 1.0
-    # ... and the int8 model's own graph had every ReLU6 that feeds a depthwise convolution equalised.
+    # The int8 model's own graph had every stage's linear stream range-equalised ...
+    assert [r["tensor"] for r in stage["equalization"]][:2] == ["features.1", "features.2+3"]
+    assert len(stage["equalization"]) == 7 and all(r["scale_max"] >= 1.0 for r in stage["equalization"])
+    # ... and every ReLU6 that feeds a depthwise convolution.
     assert [r["tensor"] for r in stage["relu_equalization"]] == ["features.0"] + [
         f"features.{i}.conv.0" for i in range(2, 18)]  # fmt: skip
     assert int8.get("max_abs_logit_diff_vs_torch") is None

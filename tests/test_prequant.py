@@ -31,15 +31,16 @@ def _images(n: int = 8, side: int = 48) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
 
 
-def test_only_linear_bottlenecks_that_feed_one_block_are_paired(model):
-    from edgetl.prequant import linear_pairs
+def test_streams_are_the_stages_with_every_reader(model):
+    from edgetl.prequant import streams
 
-    features = model.net.features
-    pairs = linear_pairs(features)
-    assert pairs == [1]  # block 1 (32 -> 16, no residual) feeds block 2 (16 -> 24, stride 2); all others add
-    for i in range(2, len(features) - 2):
-        if features[i + 1].use_res_connect:
-            assert i not in pairs
+    found = streams(model.net.features)
+    assert [(s["first"], s["residual"]) for s in found] == [
+        (1, []), (2, [3]), (4, [5, 6]), (7, [8, 9, 10]), (11, [12, 13]), (14, [15, 16]), (17, [])]
+    # readers: each residual block's expansion and the next stage's (the last stage: the final 1x1 conv)
+    assert [len(s["readers"]) for s in found] == [1, 2, 3, 4, 3, 3, 1]
+    assert found[-1]["readers"][0] is model.net.features[18]
+    assert all(r[0].kernel_size == (1, 1) for s in found for r in s["readers"])
 
 
 def _ranges(model, module, images):
@@ -55,27 +56,37 @@ def _ranges(model, module, images):
     return seen[0]
 
 
-def test_equalisation_is_exact_in_float_and_centres_and_equalises_the_ranges(model):
+def test_equalisation_is_exact_in_float_and_centres_and_equalises_the_streams(model):
     from edgetl.parity import torch_logits
     from edgetl.prequant import equalize
 
     images = _images()
+    features = model.net.features
     before = torch_logits(model, images)
-    low, high = _ranges(model, model.net.features[1], images)
+    low, high = _ranges(model, features[1], images)
     half = (high - low) / 2
 
     records = equalize(model, images)
 
     after = torch_logits(model, images)
-    low_after, high_after = _ranges(model, model.net.features[1], images)
     assert np.abs(after - before).max() <= 1e-4 * max(1.0, np.abs(before).max())
+    # Block 1's output (a stream with no residual): every channel centred on zero, all the same half-range.
     assert half.max() / half.min() > 2  # they differed
     assert (low + high).abs().max() > 0.1 * half.max()  # and were not centred
+    low_after, high_after = _ranges(model, features[1], images)
     assert torch.allclose(high_after, half.max().expand_as(high_after), rtol=1e-4)
     assert torch.allclose(low_after, -high_after, rtol=1e-4)
-    assert len(records) == 1 and records[0]["tensor"] == "features.1 -> features.2"
-    assert records[0]["channels"] == len(half)
+    assert records[0]["tensor"] == "features.1" and records[0]["channels"] == len(half)
     assert records[0]["scale_max"] == pytest.approx(float(half.max() / half.min()), rel=1e-4)
+    # Stage 5 (blocks 4, 5, 6): every channel reaches the stream's widest range in one of its tensors.
+    assert [r["tensor"] for r in records] == ["features.1", "features.2+3", "features.4+5+6", "features.7+8+9+10",
+                                              "features.11+12+13", "features.14+15+16", "features.17"]  # fmt: skip
+    widest = []
+    for module in (features[4], features[5].conv, features[5], features[6].conv, features[6]):
+        lo, hi = _ranges(model, module, images)
+        widest.append(torch.maximum(lo.abs(), hi.abs()))
+    widest = torch.stack(widest).amax(0)
+    assert torch.allclose(widest, widest.max().expand_as(widest), rtol=1e-3)
 
 
 def test_relu_equalisation_pairs_every_relu6_that_feeds_a_depthwise_convolution(model):
@@ -116,14 +127,14 @@ def test_relu_equalisation_is_exact_up_to_the_calibration_maxima(model):
     assert max(r["scale_max"] for r in records) == MAX_RELU_SCALE  # this model has a nearly dead channel
 
 
-def test_equalize_for_int8_is_both_transforms_in_one_pass(model):
+def test_equalize_for_int8_is_both_transforms_on_a_copy(model):
     import copy
 
     from edgetl.parity import torch_logits
     from edgetl.prequant import equalize, equalize_for_int8, equalize_relu
 
     images = _images()
-    stem_gamma = model.net.features[0][1].weight.detach().clone()
+    original = copy.deepcopy(model)
     sequential = copy.deepcopy(model)
     expected_records = equalize(sequential, images)
     expected_relu = equalize_relu(sequential, images)
@@ -134,8 +145,9 @@ def test_equalize_for_int8_is_both_transforms_in_one_pass(model):
     assert [r["tensor"] for r in relu_records] == [r["tensor"] for r in expected_relu]
     for got, want in zip(relu_records, expected_relu, strict=True):
         assert got["scale_max"] == pytest.approx(want["scale_max"], rel=1e-3)
-    # model: the exact transform only; the copy: both (same logits on the calibration images either way)
-    assert torch.equal(model.net.features[0][1].weight, stem_gamma)  # the float model's stem: untouched
-    assert not torch.allclose(stem_gamma, int8_model.net.features[0][1].weight)
+    for (name, a), b in zip(model.state_dict().items(), original.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the trained model itself is untouched
+    assert not torch.allclose(original.net.features[0][1].weight, int8_model.net.features[0][1].weight)
     assert torch.allclose(int8_model.net.features[0][1].weight, sequential.net.features[0][1].weight, rtol=1e-3)
     np.testing.assert_allclose(torch_logits(int8_model, images), torch_logits(sequential, images), atol=1e-4)
+    np.testing.assert_allclose(torch_logits(int8_model, images), torch_logits(original, images), atol=1e-3)
