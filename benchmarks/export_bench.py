@@ -58,8 +58,9 @@ def main() -> int:
         t0 = time.perf_counter()
         result = export(work, ExportConfig(converter=args.converter))
         wall = time.perf_counter() - t0
-        correction = read_manifest(work)["stages"]["export"].get("bias_correction")
-        equalization = read_manifest(work)["stages"]["export"].get("equalization")
+        stage = read_manifest(work)["stages"]["export"]
+        correction, equalization = stage.get("bias_correction"), stage.get("equalization")
+        relu_equalization = stage.get("relu_equalization")
         sizes = {name: a["bytes"] for name, a in result.artifacts.items()}
         breakdown = {name: size_breakdown(str(work / name)) for name in ("model_float32.tflite", "model_int8.tflite")}
         parity = {n: {k: a[k] for k in ("top1", "delta_top1_pp", "agreement", "cosine_mean", "sqnr_db", "passed")}
@@ -78,6 +79,13 @@ def main() -> int:
                 height, width = model.image_size
                 tensor = model.to_input(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
                 latency[f"{name}@{threads}"] = invoke_latency(model, tensor, runs=args.runs)
+
+        # Ablation, after the timings: the same export without range equalisation (edgetl.prequant).
+        plain = Path(tmp) / "no-equalize"
+        shutil.copytree(run, plain, ignore=skip)
+        unequalised = export(plain, ExportConfig(converter=args.converter, equalize=False, remedies=False))
+        ablation = {k: unequalised.parity.artifacts["model_int8.tflite"][k]
+                    for k in ("top1", "delta_top1_pp", "agreement", "cosine_mean", "sqnr_db", "passed")}  # fmt: skip
 
     info = machine()
     t = result.timings
@@ -110,13 +118,15 @@ def main() -> int:
         f"| int8 diagnosis and remedies (only when int8 fails) | {t.get('remedies_s', 0):.1f} |",
         f"| whole `export` call | {wall:.1f} |",
         "",
-        "| artifact | bytes | top-1 | Δtop-1 (pp) | agreement | passed |",
-        "|---|---|---|---|---|---|",
+        "| artifact | bytes | top-1 | Δtop-1 (pp) | agreement | logit SQNR (dB) | passed |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, size in sizes.items():
-        p = parity.get(name, {})
-        lines.append(f"| {name} | {size:,} | {100 * p.get('top1', 0):.2f}% | {p.get('delta_top1_pp', 0):+.2f} | "
-                     f"{100 * p.get('agreement', 0):.2f}% | {p.get('passed')} |")  # fmt: skip
+    rows = [(name, f"{size:,}", parity.get(name, {})) for name, size in sizes.items()]
+    rows.append(("model_int8.tflite, `--no-equalize` (ablation)", "", ablation))
+    for name, size, p in rows:
+        lines.append(f"| {name} | {size} | {100 * p.get('top1', 0):.2f}% | {p.get('delta_top1_pp', 0):+.2f} | "
+                     f"{100 * p.get('agreement', 0):.2f}% | {p.get('sqnr_db', 0):.1f} | "
+                     f"{p.get('passed')} |")  # fmt: skip
     int8, float32 = breakdown["model_int8.tflite"], breakdown["model_float32.tflite"]
     lines += ["", f"int8 / float32 size: {sizes['model_int8.tflite'] / sizes['model_float32.tflite']:.3f}", "",
               "Where the bytes go (edgetl.tflite_inspect.size_breakdown; quantisation parameters: float32 scale +",
@@ -139,11 +149,19 @@ def main() -> int:
                 result_text = r.get("error") or (f"top-1 {100 * r['top1']:.2f}%, Δ {r['delta_top1_pp']:+.2f} pp, "
                                                  f"agreement {100 * r['agreement']:.2f}%")  # fmt: skip
                 lines.append(f"- {r['remedy']}: {result_text} — {'pass' if r.get('passed') else 'fail'}")
-    lines += ["", f"int8 bias correction: {correction}", f"linear-bottleneck equalisation: {equalization}"]
+    streams = ", ".join(f"{e['tensor']} (scale <= {e['scale_max']:.2f}, shift <= {e['shift_max']:.2f})"
+                        for e in equalization or [])  # fmt: skip
+    relus = (f"{len(relu_equalization)} tensors, scale <= {max(e['scale_max'] for e in relu_equalization):.1f}, "
+             f"{sum(e['dead_channels'] for e in relu_equalization)} never-positive channels left alone"
+             if relu_equalization else "none")  # fmt: skip
+    lines += ["", f"int8 bias correction: {correction}", "",
+              f"Range equalisation of the int8 model's graph (edgetl.prequant): linear streams {streams or 'none'}; "
+              f"ReLU6 outputs before depthwise convolutions: {relus}."]
     payload = {"machine": info, "run": str(run), "converter": converter, "timings": t, "wall_s": wall, "sizes": sizes,
                "size_breakdown": breakdown,
                "parity": parity, "parity_images": count, "latency": latency, "ratios": ratio,
-               "remedies": remedies, "bias_correction": correction, "equalization": equalization}  # fmt: skip
+               "remedies": remedies, "bias_correction": correction, "equalization": equalization,
+               "relu_equalization": relu_equalization, "int8_without_equalization": ablation}  # fmt: skip
     write_result(f"export_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     return 0
 
