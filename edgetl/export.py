@@ -207,8 +207,9 @@ def export(
         from edgetl.prequant import equalize, equalize_for_int8
 
         if cfg.converter == "direct":  # the int8 model gets its own graph; the float exports are the trained model
-            weights = int8_model if int8_model is not None else model  # a QAT run trained them equalised: ~1 now
-            int8_model, equalization, relu_equalization = equalize_for_int8(weights, calibration.images)
+            if int8_model is None:  # (a QAT run's weights were equalised before training and are used as trained:
+                # equalising again would move the reading convolutions' int8 grids away from the ones QAT learned)
+                int8_model, equalization, relu_equalization = equalize_for_int8(model, calibration.images)
         else:  # onnx2tf quantises the ONNX model: the exact transform only, checked against ``reference`` below
             equalization = equalize(model, calibration.images)
 
