@@ -67,8 +67,8 @@ def test_simulation_tracks_the_exported_int8_model(learned_run, tmp_path):
     assert np.abs(simulated - real).mean() < 0.6 * np.abs(float_logits - real).mean()
 
 
-def _int8_weights(path, op_name: str, output_prefix: str) -> np.ndarray:
-    """The int8 weights of the op whose output tensor's name starts with ``output_prefix``."""
+def _int8_weights(path, op_name: str, module: str) -> np.ndarray:
+    """The int8 weights of the op that PyTorch module ``module`` became (its TF scope names the output)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -76,7 +76,7 @@ def _int8_weights(path, op_name: str, output_prefix: str) -> np.ndarray:
     interpreter.allocate_tensors()
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     op = next(op for op in interpreter._get_ops_details()
-              if op["op_name"] == op_name and names[op["outputs"][0]].startswith(output_prefix))  # fmt: skip
+              if op["op_name"] == op_name and f"{module}/" in names[op["outputs"][0]].split(";")[0])  # fmt: skip
     return interpreter.get_tensor(op["inputs"][1])
 
 
