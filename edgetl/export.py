@@ -188,9 +188,9 @@ def export(
     recipe = load_recipe(cfg.calib) if cfg.int8 and cfg.calib_dir is None else None
 
     # Validation images for the float checks (and the leakage guard), and the calibration set.
-    val, _, _, splits = evaluation_set(run_dir, manifest, data)
-    verify = val.images[: cfg.verify_images]
-    reference = torch_logits(model, verify)
+    val, val_description, classes, splits = evaluation_set(run_dir, manifest, data)
+    val_reference = torch_logits(model, val.images)  # the parity check's reference too (below)
+    verify, reference = val.images[: cfg.verify_images], val_reference[: cfg.verify_images]
     calibration = None
     if cfg.int8:
         if splits is None and cfg.calib_dir is None:
@@ -305,7 +305,7 @@ def export(
     update_manifest(run_dir, "export", [*sorted(produced), "export.log"], export_info)
 
     t0 = time.perf_counter()
-    report = check(run_dir, cfg.thresholds, data)
+    report = check(run_dir, cfg.thresholds, data, evaluation=(val, val_description, classes, val_reference))
     timings["parity_s"] = time.perf_counter() - t0
     remedies: list[dict[str, Any]] = []
     if cfg.int8 and not report.artifacts["model_int8.tflite"]["passed"] and cfg.remedies:

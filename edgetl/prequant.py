@@ -47,11 +47,16 @@ MAX_RELU_SCALE = 256.0
 
 
 def _channel_ranges(model: Any, modules: list[Any], images: np.ndarray) -> list[tuple[Any, Any]]:
-    """Per-channel (min, max) of each module's output over ``images``, float64, in one pass."""
+    """Per-channel (min, max) of each module's output over ``images``, float64, in one pass (of the fast
+    inference copy of ``model``, whose modules have the same names and outputs)."""
     import torch
 
+    from edgetl.parity import inference_copy
     from edgetl.train import predict_logits
 
+    names = {id(module): name for name, module in model.named_modules()}
+    fast = inference_copy(model)
+    fast_modules = dict(fast.named_modules())
     seen: list[list[tuple[Any, Any]]] = [[] for _ in modules]
 
     def hook_for(i: int) -> Any:
@@ -59,9 +64,9 @@ def _channel_ranges(model: Any, modules: list[Any], images: np.ndarray) -> list[
             seen[i].append((output.detach().amin((0, 2, 3)), output.detach().amax((0, 2, 3))))
         return record
 
-    hooks = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
+    hooks = [fast_modules[names[id(module)]].register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
     try:
-        predict_logits(model, images, torch.device("cpu"))  # this model: the hooks are on it
+        predict_logits(fast, images, torch.device("cpu"))
     finally:
         for hook in hooks:
             hook.remove()
@@ -111,13 +116,14 @@ def _stream_tensors(features: Any, stream: dict[str, Any]) -> list[Any]:
     return modules
 
 
-def equalize(model: Any, images: np.ndarray, max_images: int = 128) -> list[dict[str, Any]]:
+def equalize(model: Any, images: np.ndarray, max_images: int | None = None) -> list[dict[str, Any]]:
     """Centre and equalise, in place, the channel ranges of every linear stream (exact in float).
 
     Args:
         model: an :class:`edgetl.model.EdgeClassifier` (MobileNetV2) in eval mode.
         images: calibration images, uint8 ``[N, H, W, 3]`` (never validation images).
-        max_images: how many of them to measure ranges on.
+        max_images: how many of them to measure ranges on (default: all, the images TFLite calibrates on, so
+            that each channel's range is the one the int8 model is calibrated to).
 
     Returns one record per stream: its blocks, channels, largest scale and shift.
     """
@@ -183,7 +189,7 @@ def relu_pairs(features: Any) -> list[tuple[str, Any, Any]]:
             and b[0].groups == b[0].in_channels == b[0].out_channels > 1]  # fmt: skip
 
 
-def equalize_relu(model: Any, images: np.ndarray, max_images: int = 128) -> list[dict[str, Any]]:
+def equalize_relu(model: Any, images: np.ndarray, max_images: int | None = None) -> list[dict[str, Any]]:
     """Scale, in place, each ReLU6 output that feeds a depthwise convolution to equal channel maxima.
 
     For the int8 model only: see the module docstring for what changes above the calibration maximum.
@@ -213,7 +219,7 @@ def _equalize_relu(pairs: list[tuple[str, Any, Any]], measured: list[tuple[Any, 
     return records
 
 
-def equalize_for_int8(model: Any, images: np.ndarray, max_images: int = 128) -> tuple[Any, list, list]:
+def equalize_for_int8(model: Any, images: np.ndarray, max_images: int | None = None) -> tuple[Any, list, list]:
     """A copy of ``model`` for the int8 graph with both transforms applied, from one pass over the images:
     ``(copy, equalize's records, equalize_relu's records)``. ``model`` itself is not changed (the exact
     stream transform leaves the ReLU6 outputs as they were, so one measurement serves both)."""
