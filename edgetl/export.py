@@ -305,7 +305,8 @@ def export(
     update_manifest(run_dir, "export", [*sorted(produced), "export.log"], export_info)
 
     t0 = time.perf_counter()
-    report = check(run_dir, cfg.thresholds, data, evaluation=(val, val_description, classes, val_reference))
+    evaluation = (val, val_description, classes, val_reference)
+    report = check(run_dir, cfg.thresholds, data, evaluation=evaluation)
     timings["parity_s"] = time.perf_counter() - t0
     remedies: list[dict[str, Any]] = []
     if cfg.int8 and not report.artifacts["model_int8.tflite"]["passed"] and cfg.remedies:
@@ -313,7 +314,7 @@ def export(
         from edgetl.remedies import diagnose_and_remedy
 
         t0 = time.perf_counter()
-        report, remedies = diagnose_and_remedy(run_dir, workdir, cfg, report, splits, spec, val, data)
+        report, remedies = diagnose_and_remedy(run_dir, workdir, cfg, report, splits, spec, evaluation, data)
         timings["remedies_s"] = time.perf_counter() - t0
         record_remedies(run_dir, remedies)
         for name in ARTIFACTS:  # a remedy may have added a variant (model_int16x8.tflite)

@@ -101,7 +101,7 @@ def streams(features: Any) -> list[dict[str, Any]]:
         while j < len(features) and isinstance(features[j], InvertedResidual) and features[j].use_res_connect:
             j += 1
         readers = [reader(features[k]) for k in range(i + 1, min(j + 1, len(features)))]
-        if j < len(features) and readers and all(r is not None for r in readers):
+        if j < len(features) and all(r is not None for r in readers):  # readers holds block j's at least
             found.append({"first": i, "residual": list(range(i + 1, j)), "readers": readers})
         i = j
     return found

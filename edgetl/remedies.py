@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.parity import ParityReport, check, compare, runner_for, torch_logits
+from edgetl.parity import ParityReport, check, compare, runner_for
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,19 @@ def diagnose_and_remedy(
     report: ParityReport,
     splits: Any,
     spec: Any,
-    val: Any,
+    evaluation: tuple[Any, dict[str, Any], list[str], np.ndarray],
     data: str | os.PathLike | None,
 ) -> tuple[ParityReport, list[dict[str, Any]]]:
-    """Diagnose the failing int8 model and try the remedies; return the final report and attempts."""
+    """Diagnose the failing int8 model and try the remedies; return the final report and attempts.
+
+    ``evaluation``: the export's parity data, as :func:`edgetl.parity.check` takes it (validation images,
+    their description and classes, the float model's logits on them).
+    """
     from edgetl.artifacts import read_manifest
     from edgetl.export import _run_converter, bias_correction_wanted
-    from edgetl.train import load_checkpoint
 
     log_path = run_dir / "export.log"
-    model, _ = load_checkpoint(run_dir)
-    reference = torch_logits(model, val.images)
-    classes = list(report.float_metrics["per_class"])
+    val, _, classes, reference = evaluation
     labels = val.labels
     attempts: list[dict[str, Any]] = []
 
@@ -115,7 +116,7 @@ def diagnose_and_remedy(
             attempts.append({"remedy": "more calibration images", "passed": False, "error": str(exc)[:300]})
             passed = False
         if passed:
-            return check(run_dir, cfg.thresholds, data), attempts
+            return check(run_dir, cfg.thresholds, data, evaluation=evaluation), attempts
 
     # Remedy 2: 16-bit activations (a different artifact, never called int8).
     try:
@@ -131,7 +132,7 @@ def diagnose_and_remedy(
     except Exception as exc:
         attempts.append({"remedy": "16-bit activations (model_int16x8.tflite)", "passed": False,
                          "error": str(exc)[:300]})  # fmt: skip
-    final = check(run_dir, cfg.thresholds, data)
+    final = check(run_dir, cfg.thresholds, data, evaluation=evaluation)
     return final, attempts
 
 

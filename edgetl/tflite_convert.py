@@ -10,8 +10,8 @@ JOB.json: ``{"graph": bool, "onnx": path or null, "workdir": path, "int8": bool,
 "float_model": path of the float32 .tflite (default: workdir's)}``. The float model comes from
 the workdir's ``graph.npz`` with "graph" (:mod:`edgetl.tf_graph`, the default route) or from "onnx"
 through onnx2tf (a SavedModel in ``tf/``); a job with neither re-quantises the float model of an
-earlier job. When the workdir also holds ``graph_int8.npz`` (the int8 model's own weights: ReLU6
-ranges equalised, :func:`edgetl.prequant.equalize_relu`, and in a QAT run the quantisation-aware
+earlier job. When the workdir also holds ``graph_int8.npz`` (the int8 model's own weights: ranges
+equalised, :func:`edgetl.prequant.equalize_for_int8`, and in a QAT run the quantisation-aware
 weights, :mod:`edgetl.qat`), the quantised models are made from that graph instead, and bias
 correction, if asked for, pairs them with that graph's own float model.
 Outputs in workdir: ``model_float32.tflite``, the quantised model(s) and,
