@@ -14,7 +14,8 @@ earlier job. When the workdir also holds ``graph_int8.npz`` (the int8 model's ow
 equalised, :func:`edgetl.prequant.equalize_for_int8`, and in a QAT run the quantisation-aware
 weights, :mod:`edgetl.qat`), the quantised models are made from that graph instead, and bias
 correction, if asked for, pairs them with that graph's own float model.
-Outputs in workdir: ``model_float32.tflite``, the quantised model(s) and,
+Every model is written through :func:`edgetl.tflite_compact.compact` (repeated quantisation vectors
+stored once, buffers aligned). Outputs in workdir: ``model_float32.tflite``, the quantised model(s) and,
 with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line on
 stdout last: timings and, per quantised model, the bias correction applied.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -152,6 +152,12 @@ def diagnose(make_converter: Callable[[], Any], calibration: Path, csv_path: Pat
         debugger.layer_statistics_dump(fh)
 
 
+def write_model(path: Path, model: bytes) -> None:
+    from edgetl.tflite_compact import compact
+
+    path.write_bytes(compact(model))
+
+
 def main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     workdir = Path(job["workdir"])
@@ -160,7 +166,8 @@ def main(job_path: str) -> int:
     if job.get("onnx"):
         saved_model = run_onnx2tf(Path(job["onnx"]), workdir)
         produced = saved_model / f"{Path(job['onnx']).stem}_float32.tflite"
-        shutil.move(produced, workdir / "model_float32.tflite")
+        write_model(workdir / "model_float32.tflite", produced.read_bytes())
+        produced.unlink()
         timings["onnx2tf_s"] = time.perf_counter() - t0
     make_converter = converter_factory(workdir)  # a remedy re-quantises the float model of an earlier job
     make_int8_converter, int8_float_model = make_converter, None
@@ -168,7 +175,7 @@ def main(job_path: str) -> int:
         make_int8_converter = converter_factory(workdir, GRAPH_INT8)
         int8_float_model = workdir / "model_int8_weights_float32.tflite"
     if job.get("graph"):
-        (workdir / "model_float32.tflite").write_bytes(make_converter().convert())
+        write_model(workdir / "model_float32.tflite", make_converter().convert())
         timings["tflite_float_s"] = time.perf_counter() - t0
     corrections = {}
     for mode in ("int8", "int16x8"):
@@ -185,7 +192,7 @@ def main(job_path: str) -> int:
                     float_model = str(int8_float_model)
                 model, corrections[mode] = correct_bias(model, float_model, Path(job["calibration"]))
                 timings[f"{mode}_bias_correction_s"] = time.perf_counter() - t0
-            (workdir / job.get("output", f"model_{mode}.tflite")).write_bytes(model)
+            write_model(workdir / job.get("output", f"model_{mode}.tflite"), model)
     if job.get("diagnose"):
         t0 = time.perf_counter()
         diagnose(make_int8_converter, Path(job["calibration"]), workdir / "layer_stats.csv")
