@@ -138,8 +138,8 @@ def size_breakdown(path: str) -> dict[str, int]:
         if quantization is None:
             continue
         table = quantization._tab  # the generated API reads vectors but does not say where they are
-        for field, itemsize in ((4, 4), (6, 4), (8, 4), (10, 8)):  # min, max, scale, zero_point
-            offset = table.Offset(field)
+        for slot, itemsize in ((4, 4), (6, 4), (8, 4), (10, 8)):  # min, max, scale, zero_point
+            offset = table.Offset(slot)
             if offset:
                 stored[table.Vector(offset)] = itemsize * table.VectorLen(offset)
     quant = sum(stored.values())
