@@ -130,8 +130,9 @@ def main() -> int:
                      f"{p.get('passed')} |")  # fmt: skip
     int8, float32 = breakdown["model_int8.tflite"], breakdown["model_float32.tflite"]
     lines += ["", f"int8 / float32 size: {sizes['model_int8.tflite'] / sizes['model_float32.tflite']:.3f}", "",
-              "Where the bytes go (edgetl.tflite_inspect.size_breakdown; quantisation parameters: float32 scale +",
-              "int64 zero point per entry, one entry per output channel for per-channel weights and their biases):", "",
+              "Where the bytes go (edgetl.tflite_inspect.size_breakdown, each stored vector counted once; quantisation",
+              "parameters: a float32 scale per output channel for per-channel weights and again for their int32",
+              "biases; the int64 zero points, all 0, are stored once per length by edgetl.tflite_compact):", "",
               "| part | float32 | int8 |", "|---|---|---|",
               *[f"| {k} | {float32[k]:,} | {int8[k]:,} |" for k in int8],
               "", f"int8 / float32 without the per-channel quantisation parameters: "
