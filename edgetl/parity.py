@@ -45,10 +45,44 @@ class Thresholds:
         return bool(metrics["delta_top1_pp"] >= -self.max_drop and metrics["agreement"] >= self.min_agreement)
 
 
+# parity.json and parity.md list at most this many of an artifact's disagreements with the float model.
+LISTED_DISAGREEMENTS = 20
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (``z`` = 1.96) Wilson score interval of a proportion: what ``successes`` of ``total`` images
+    says about the rate on images like them (unlike the normal approximation, sensible near 0 and 1)."""
+    if total == 0:
+        return 0.0, 1.0
+    p, zz = successes / total, z * z / total
+    centre = (p + zz / 2) / (1 + zz)
+    half = z / (1 + zz) * math.sqrt(p * (1 - p) / total + zz / (4 * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _image_name(path: str, root: str | None) -> str:
+    if root:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            pass
+    return Path(path).name
+
+
 def compare(
-    reference: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: list[str]
+    reference: np.ndarray,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    paths: list[str] | None = None,
+    root: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``logits`` against the float ``reference`` logits and the true ``labels``."""
+    """Metrics of ``logits`` against the float ``reference`` logits and the true ``labels``.
+
+    With ``paths`` (one per image; shown relative to ``root``), the images whose top-1 differs from the
+    float model's are listed, those the float model was surest of first, with its margin (top-1 minus
+    top-2 logit): a flip of a near-tie is noise, a flip of a confident prediction is a broken layer.
+    """
     pred, ref_pred = logits.argmax(1), reference.argmax(1)
     error = reference - logits
     cosine = np.sum(reference * logits, 1) / (
@@ -78,6 +112,18 @@ def compare(
     if len(classes) >= 5:
         top5 = np.argsort(-logits, 1)[:, :5]
         metrics["top5"] = float((top5 == labels[:, None]).any(1).mean())
+    agreeing = int((pred == ref_pred).sum())
+    metrics["agreement_ci95"] = [round(bound, 4) for bound in wilson_interval(agreeing, len(labels))]
+    if paths is not None:
+        ranked = np.sort(reference, axis=1)
+        margin = ranked[:, -1] - ranked[:, -2] if reference.shape[1] > 1 else np.zeros(len(reference))
+        flipped = np.flatnonzero(pred != ref_pred)
+        flipped = flipped[np.argsort(-margin[flipped], kind="stable")]
+        metrics["disagreements"] = [
+            {"image": _image_name(paths[i], root), "label": classes[labels[i]], "float": classes[ref_pred[i]],
+             "model": classes[pred[i]], "float_margin": round(float(margin[i]), 4)}
+            for i in flipped[:LISTED_DISAGREEMENTS]
+        ]  # fmt: skip
     return metrics
 
 
@@ -249,7 +295,8 @@ def check(
     results = {}
     for name in names:
         log.info("checking %s on %d images", name, len(labels))
-        metrics = compare(reference, runner_for(run_dir / name)(images.images), labels, classes)
+        logits = runner_for(run_dir / name)(images.images)
+        metrics = compare(reference, logits, labels, classes, list(images.paths), description.get("root"))
         fmt, precision = ARTIFACTS[name]
         metrics.update(
             format=fmt,
@@ -351,15 +398,32 @@ def parity_markdown(report: ParityReport) -> str:
            "and compared with the float model above, which QAT started from."]
           if report.data.get("quantised_from") else []),
         "",
-        "| artifact | precision | top-1 | Δtop-1 (pp) | agreement | cosine | SQNR (dB) | worst classes | verdict |",
+        "| artifact | precision | top-1 | Δtop-1 (pp) | agreement (95 % interval) | cosine | SQNR (dB) "
+        "| worst classes | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report.artifacts.items():
         sqnr = "inf" if m["sqnr_db"] is None else f"{m['sqnr_db']:.1f}"
         worst = ", ".join(f"{c} ({m['per_class'][c]['delta_pp']:+.1f})" for c in m["worst_classes"]) or "-"
+        low, high = m.get("agreement_ci95", (m["agreement"], m["agreement"]))
         lines.append(
             f"| {name} | {m['precision']} | {pct(m['top1'])} | {m['delta_top1_pp']:+.2f} | "
-            f"{pct(m['agreement'])} | {m['cosine_mean']:.4f} | {sqnr} | {worst} | "
+            f"{pct(m['agreement'])} ({100 * low:.1f}–{100 * high:.1f}) | {m['cosine_mean']:.4f} | {sqnr} | {worst} | "
             f"{'pass' if m['passed'] else '**FAIL**'} |"
         )
+    count = report.data["count"]
+    lines += ["", f"One image is {100 / count:.2f} pp of agreement here; the interval (Wilson) is what {count} images "
+              "say about the agreement on images like them."]  # fmt: skip
+    for name, m in report.artifacts.items():
+        listed = m.get("disagreements")
+        if not listed:
+            continue
+        total = round((1 - m["agreement"]) * count)
+        lines += ["", f"## Where {name}'s top-1 differs from float ({total} of {count} images"
+                  + (f", the {len(listed)} with the surest float prediction" if total > len(listed) else "") + ")",
+                  "", "Float margin: the float model's top-1 logit minus its top-2: near 0, a near-tie that any "
+                  "rounding can flip.", "",
+                  f"| image | label | float | {name} | float margin |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| `{d['image']}` | {d['label']} | {d['float']} | {d['model']} | {d['float_margin']:.3f} |"
+                  for d in listed]  # fmt: skip
     return "\n".join(lines) + "\n"
