@@ -252,6 +252,7 @@ def export(
         timings["converter_process_s"] = time.perf_counter() - t0  # incl. starting Python and TensorFlow
         timings.update(converted["timings"])
         bias_correction = converted["bias_correction"].get("int8")
+        int8_calibration = converted.get("calibration", {}).get("int8")
         tflite_diff = _max_abs_diff(reference, workdir / "model_float32.tflite", verify)
         if tflite_diff > cfg.float_tolerance:
             raise ExportError(
@@ -292,6 +293,7 @@ def export(
         "artifacts": artifacts,
         "calibration": calibration.description if calibration else None,
         "bias_correction": bias_correction,
+        "int8_calibration_split": int8_calibration,  # edgetl.tflite_calibrate: images the helper process took
         "equalization": equalization,
         "relu_equalization": relu_equalization,
         "converter": cfg.converter,

@@ -12,8 +12,8 @@
 TFLite's converter offers only min/max calibration, so "another calibration method" (percentile,
 entropy) is not among the remedies. Per-tensor MSE-optimal ranges written into the int8 model instead
 (biases re-scaled to match) were tried on the sign-language run and on a run that fails the gate: logit
-SQNR moved by at most about 1 dB either way and agreement up or down by a few images, so not kept. Each attempt's parity is recorded in ``parity.json`` and the
-manifest, whether it helped or not.
+SQNR moved by at most about 1 dB either way and agreement up or down by a few images, so not kept.
+Each attempt's parity is recorded in ``parity.json`` and the manifest, whether it helped or not.
 """
 
 from __future__ import annotations

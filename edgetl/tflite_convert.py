@@ -7,7 +7,8 @@ process keeps the noise in ``export.log`` and TensorFlow out of the parent. Usag
 
 JOB.json: ``{"graph": bool, "onnx": path or null, "workdir": path, "int8": bool, "int16x8": bool,
 "calibration": path-to-.npy, "output": file name, "diagnose": bool, "bias_correction": bool,
-"float_model": path of the float32 .tflite (default: workdir's)}``. The float model comes from
+"float_model": path of the float32 .tflite (default: workdir's), "calibration_workers": 1 or 2
+(default 2 on a multi-core machine: :mod:`edgetl.tflite_calibrate`)}``. The float model comes from
 the workdir's ``graph.npz`` with "graph" (:mod:`edgetl.tf_graph`, the default route) or from "onnx"
 through onnx2tf (a SavedModel in ``tf/``); a job with neither re-quantises the float model of an
 earlier job. When the workdir also holds ``graph_int8.npz`` (the int8 model's own weights: ranges
@@ -17,7 +18,8 @@ correction, if asked for, pairs them with that graph's own float model.
 Every model is written through :func:`edgetl.tflite_compact.compact` (repeated quantisation vectors
 stored once, buffers aligned). Outputs in workdir: ``model_float32.tflite``, the quantised model(s) and,
 with "diagnose", ``layer_stats.csv`` (per-layer quantisation error). Prints one JSON line on
-stdout last: timings and, per quantised model, the bias correction applied.
+stdout last: timings and, per quantised model, the bias correction applied and how its calibration
+was split between processes.
 """
 
 from __future__ import annotations
@@ -73,14 +75,22 @@ def converter_factory(workdir: Path, name: str = GRAPH) -> Callable[[], Any]:
     return lambda: tf.lite.TFLiteConverter.from_saved_model(str(workdir / "tf"))
 
 
-def quantize(make_converter: Callable[[], Any], calibration: Path, mode: str) -> bytes:
+def quantize(
+    make_converter: Callable[[], Any], calibration: Path, mode: str, helper: Any = None, stats: dict | None = None
+) -> bytes:
     """Full-integer conversion calibrated on ``calibration`` (uint8 NHWC images).
 
     ``mode`` "int8": int8 weights and activations, uint8 input, int8 output.
     ``mode`` "int16x8": int16 activations, int8 weights (a remedy, not "int8").
+    ``helper``: a :class:`edgetl.tflite_calibrate.Helper` that calibrates half of the images of an int8
+    conversion in parallel (same model, see that module); ``stats`` gets how the calibration was split.
     """
+    from contextlib import nullcontext
+
     import numpy as np
     import tensorflow as tf
+
+    from edgetl.tflite_calibrate import split_calibration
 
     images = np.load(calibration).copy()
     # The uint8 input takes raw pixels only if its quantisation is scale 1 / zero point 0, i.e. if the
@@ -90,8 +100,13 @@ def quantize(make_converter: Callable[[], Any], calibration: Path, mode: str) ->
     images[0, 0, 0, :] = 0
     images[0, 0, 1, :] = 255
 
+    mine = len(images)
+    if helper is not None and mode == "int8" and len(images) > 1:
+        mine = len(images) // 2
+    split = split_calibration(helper, images[mine:]) if mine < len(images) else nullcontext()
+
     def representative_dataset():
-        for image in images:
+        for image in images[:mine]:
             yield [image[None].astype(np.float32)]
 
     converter = make_converter()
@@ -107,7 +122,11 @@ def quantize(make_converter: Callable[[], Any], calibration: Path, mode: str) ->
         ]
         converter.inference_input_type = tf.int16
         converter.inference_output_type = tf.int16
-    return converter.convert()
+    with split as record:
+        model = converter.convert()
+    if stats is not None:
+        stats.update(record or {"helper_images": 0}, images=int(len(images)))
+    return model
 
 
 def correct_bias(model: bytes, float_model: str, calibration: Path) -> tuple[bytes, dict]:
@@ -161,7 +180,20 @@ def write_model(path: Path, model: bytes) -> None:
 def main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     workdir = Path(job["workdir"])
-    timings = {}
+    helper = None
+    if job.get("int8") and job.get("calibration_workers", 2 if (os.cpu_count() or 1) > 1 else 1) > 1:
+        from edgetl.tflite_calibrate import Helper
+
+        helper = Helper(workdir)  # starts importing TensorFlow now, in parallel with this process
+    try:
+        return _convert(job, workdir, helper)
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+def _convert(job: dict[str, Any], workdir: Path, helper: Any) -> int:
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if job.get("onnx"):
         saved_model = run_onnx2tf(Path(job["onnx"]), workdir)
@@ -177,11 +209,12 @@ def main(job_path: str) -> int:
     if job.get("graph"):
         write_model(workdir / "model_float32.tflite", make_converter().convert())
         timings["tflite_float_s"] = time.perf_counter() - t0
-    corrections = {}
+    corrections, calibration = {}, {}
     for mode in ("int8", "int16x8"):
         if job.get(mode):
             t0 = time.perf_counter()
-            model = quantize(make_int8_converter, Path(job["calibration"]), mode)
+            model = quantize(make_int8_converter, Path(job["calibration"]), mode,
+                             helper if mode == "int8" else None, calibration.setdefault(mode, {}))  # fmt: skip
             timings[f"{mode}_s"] = time.perf_counter() - t0
             if job.get("bias_correction"):
                 t0 = time.perf_counter()
@@ -197,7 +230,7 @@ def main(job_path: str) -> int:
         t0 = time.perf_counter()
         diagnose(make_int8_converter, Path(job["calibration"]), workdir / "layer_stats.csv")
         timings["diagnose_s"] = time.perf_counter() - t0
-    print(json.dumps({"timings": timings, "bias_correction": corrections}), flush=True)
+    print(json.dumps({"timings": timings, "bias_correction": corrections, "calibration": calibration}), flush=True)
     return 0
 
 

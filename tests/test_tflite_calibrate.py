@@ -1,0 +1,92 @@
+"""edgetl.tflite_calibrate: int8 calibration split over two processes gives the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def graph_dir(learned_run, tmp_path_factory):
+    """A converter work folder: the learned toy model's graph and 12 calibration images."""
+    pytest.importorskip("tensorflow", reason="needs the export extra")
+    from edgetl.tf_graph import save_graph
+    from edgetl.tflite_convert import GRAPH
+    from edgetl.train import load_checkpoint
+
+    model, _ = load_checkpoint(learned_run[1])
+    folder = tmp_path_factory.mktemp("calibrate")
+    save_graph(model, 64, folder / GRAPH)
+    images = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    np.save(folder / "calibration.npy", images)
+    return folder
+
+
+def _int8(folder: Path, helper) -> bytes:
+    from edgetl.tflite_convert import converter_factory, quantize
+
+    return quantize(converter_factory(folder), folder / "calibration.npy", "int8", helper)
+
+
+def test_two_process_calibration_gives_the_same_model(graph_dir):
+    from edgetl.tflite_calibrate import Helper
+
+    single = _int8(graph_dir, None)
+    (graph_dir / "calibrated_part.tflite").unlink(missing_ok=True)
+    helper = Helper(graph_dir)
+    try:
+        split = _int8(graph_dir, helper)
+    finally:
+        helper.close()
+    assert (graph_dir / "calibrated_part.tflite").is_file()  # the helper calibrated its half
+    assert split == single  # byte for byte: the merged ranges are the whole set's
+
+
+class FailingHelper:
+    """A helper process that died: the converter calibrates its half itself."""
+
+    def start(self, model: bytes, images: np.ndarray) -> Path:
+        return Path("/nonexistent")
+
+    def finish(self, output: Path) -> None:
+        return None
+
+
+def test_a_failed_helper_changes_nothing(graph_dir):
+    assert _int8(graph_dir, FailingHelper()) == _int8(graph_dir, None)
+
+
+def test_merge_ranges_takes_the_wider_range(graph_dir):
+    from ai_edge_litert import schema_py_generated as schema
+    from tensorflow.lite.python.optimize import calibrator
+
+    from edgetl.tflite_calibrate import _samples, merge_ranges
+
+    captured = {}
+    original = calibrator.Calibrator.calibrate
+
+    def capture(self, dataset_gen):
+        captured["model"] = self._model_content
+        return original(self, dataset_gen)
+
+    calibrator.Calibrator.calibrate = capture
+    try:
+        _int8(graph_dir, None)
+    finally:
+        calibrator.Calibrator.calibrate = original
+    images = np.load(graph_dir / "calibration.npy")
+    dark, bright = (original(calibrator.Calibrator(captured["model"]), lambda part=part: _samples(part))
+                    for part in (images // 4, 192 + images // 4))  # fmt: skip
+
+    def ranges(model: bytes) -> list[tuple[float, float]]:
+        graph = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0)).subgraphs[0]
+        return [(float(t.quantization.min[0]), float(t.quantization.max[0])) for t in graph.tensors
+                if t.quantization is not None and t.quantization.min is not None]  # fmt: skip
+
+    merged = ranges(merge_ranges(dark, bright))
+    expected = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(ranges(dark), ranges(bright), strict=True)]
+    assert merged == expected and merged != ranges(dark) and merged != ranges(bright)
