@@ -110,7 +110,8 @@ def main() -> int:
         f"{t.get('converter_process_s', 0):.1f} |",
         f"| - float32 TFLite ({'onnx2tf' if 'onnx2tf_s' in t else 'TFLiteConverter'}) | "
         f"{t.get('onnx2tf_s', t.get('tflite_float_s', 0)):.1f} |",
-        f"| - int8 calibration + quantisation | {t.get('int8_s', 0):.1f} |",
+        "| - int8 calibration (split over two processes on 2+ cores, edgetl.tflite_calibrate) + quantisation | "
+        f"{t.get('int8_s', 0):.1f} |",
         f"| - int8 bias correction | {t.get('int8_bias_correction_s', 0):.1f} |",
         f"| parity on {count} validation images ({len(parity)} models; the PyTorch reference is computed before "
         f"conversion, for the float checks too) | {t.get('parity_s', 0):.1f} |",
