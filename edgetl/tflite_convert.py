@@ -180,8 +180,9 @@ def write_model(path: Path, model: bytes) -> None:
 def main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     workdir = Path(job["workdir"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     helper = None
-    if job.get("int8") and job.get("calibration_workers", 2 if (os.cpu_count() or 1) > 1 else 1) > 1:
+    if job.get("int8") and job.get("calibration_workers", 2 if cores > 1 else 1) > 1:
         from edgetl.tflite_calibrate import Helper
 
         helper = Helper(workdir)  # starts importing TensorFlow now, in parallel with this process
