@@ -56,7 +56,7 @@ class Helper:
         self.workdir = workdir
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgetl.tflite_calibrate"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
+            stdin=subprocess.PIPE, stdout=sys.stderr, stderr=sys.stderr, text=True,  # its noise: export.log
         )  # fmt: skip
 
     def start(self, model: bytes, images: np.ndarray) -> Path:
@@ -72,7 +72,6 @@ class Helper:
 
     def finish(self, output: Path) -> bytes | None:
         """The helper's calibrated model, or None (reported on stderr) if it failed."""
-        self.proc.stdout.read()  # its input is closed already: no communicate()
         self.proc.wait()
         if self.proc.returncode != 0 or not output.is_file():
             print(f"calibration helper failed (exit {self.proc.returncode}); calibrating in one process",
