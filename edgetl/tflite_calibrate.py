@@ -9,8 +9,9 @@ the maximum of the maxima gives the same ranges, and the same quantised model, b
 
 The converter (:mod:`edgetl.tflite_convert`) starts the helper first (``python -m
 edgetl.tflite_calibrate``: it imports TensorFlow while the float model converts), then quantises inside
-:func:`split_calibration`, which hands the helper the model to calibrate when TensorFlow's calibrator
-is reached. If the helper fails, the converter calibrates its part itself: slower, same result.
+:func:`controlled_calibration`, which hands the helper the model to calibrate when TensorFlow's
+calibrator is reached (and sets the input's range: see there). If the helper fails, the converter
+calibrates its part itself: slower, same result.
 """
 
 from __future__ import annotations
@@ -27,21 +28,30 @@ from pathlib import Path
 import numpy as np
 
 
-def merge_ranges(first: bytes, second: bytes) -> bytes:
-    """Two calibrated copies of one model (TFLite's calibrator output) as one: per tensor, the smaller
-    minimum and the larger maximum."""
+def merge_ranges(first: bytes, second: bytes | None = None, input_range: tuple[float, float] | None = None) -> bytes:
+    """Calibrated copies of one model (TFLite's calibrator output) as one: per tensor, the smaller minimum
+    and the larger maximum; with ``input_range``, the model input's range set to it."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    trees = [schema.ModelT.InitFromObj(schema.Model.GetRootAs(m, 0)) for m in (first, second)]
-    for graph, other in zip(trees[0].subgraphs, trees[1].subgraphs, strict=True):
-        for tensor, twin in zip(graph.tensors, other.tensors, strict=True):
-            a, b = tensor.quantization, twin.quantization
-            if a is not None and b is not None and a.min is not None and b.min is not None:
-                a.min, a.max = np.minimum(a.min, b.min), np.maximum(a.max, b.max)
-            elif b is not None and b.min is not None:  # only the second part saw this tensor
-                tensor.quantization = b
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(trees[0]))
+    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAs(first, 0))
+    if second is not None:
+        other = schema.ModelT.InitFromObj(schema.Model.GetRootAs(second, 0))
+        for graph, twin_graph in zip(tree.subgraphs, other.subgraphs, strict=True):
+            for tensor, twin in zip(graph.tensors, twin_graph.tensors, strict=True):
+                a, b = tensor.quantization, twin.quantization
+                if a is not None and b is not None and a.min is not None and b.min is not None:
+                    a.min, a.max = np.minimum(a.min, b.min), np.maximum(a.max, b.max)
+                elif b is not None and b.min is not None:  # only the second part saw this tensor
+                    tensor.quantization = b
+    if input_range is not None:
+        graph = tree.subgraphs[0]
+        tensor = graph.tensors[graph.inputs[0]]
+        if tensor.quantization is None:
+            tensor.quantization = schema.QuantizationParametersT()
+        tensor.quantization.min = np.array([input_range[0]], np.float32)
+        tensor.quantization.max = np.array([input_range[1]], np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
 
 
 def _samples(images: np.ndarray) -> Iterator[list[np.ndarray]]:
@@ -92,24 +102,37 @@ class Helper:
 
 
 @contextmanager
-def split_calibration(helper: Helper, rest: np.ndarray) -> Iterator[dict]:
+def controlled_calibration(
+    helper: Helper | None, rest: np.ndarray, input_range: tuple[float, float] | None = None
+) -> Iterator[dict]:
     """While inside, TensorFlow's calibrator also has ``helper`` calibrate on ``rest`` (the images the
-    converter's own representative dataset leaves out) and merges the two. Yields a dict that gets the
-    seconds spent and whether the helper did its part."""
+    converter's own representative dataset leaves out; none: no helper) and merges the two, and sets the
+    model input's range to ``input_range``. Yields a dict that gets the seconds spent and whether the
+    helper did its part.
+
+    ``input_range`` (0, 255) gives a uint8 input scale 1 and zero point 0, i.e. raw pixels, whatever
+    the calibration images span; forcing it through the images instead (a black and a white pixel in one
+    of them, as edgetl did before) also made the stem see a sharp edge no real image has, and widened its
+    int8 range from the images' 2.7 to 6 on the sign-language run.
+    """
     from tensorflow.lite.python.optimize import calibrator
 
     original = calibrator.Calibrator.calibrate
-    record: dict = {"helper_images": int(len(rest))}
+    record: dict = {"helper_images": int(len(rest)) if helper is not None else 0}
 
     def calibrate(self, dataset_gen):
         started = time.perf_counter()
-        output = helper.start(self._model_content, rest)
-        mine = original(self, dataset_gen)
-        theirs = helper.finish(output)
-        if theirs is None:
-            record["helper_failed"] = True
-            theirs = original(calibrator.Calibrator(self._model_content), lambda: _samples(rest))
-        merged = merge_ranges(mine, theirs)
+        theirs = None
+        if helper is not None and len(rest):
+            output = helper.start(self._model_content, rest)
+            mine = original(self, dataset_gen)
+            theirs = helper.finish(output)
+            if theirs is None:
+                record["helper_failed"] = True
+                theirs = original(calibrator.Calibrator(self._model_content), lambda: _samples(rest))
+        else:
+            mine = original(self, dataset_gen)
+        merged = merge_ranges(mine, theirs, input_range)
         record["calibration_s"] = round(time.perf_counter() - started, 2)
         return merged
 

@@ -90,20 +90,23 @@ def quantize(
     import numpy as np
     import tensorflow as tf
 
-    from edgetl.tflite_calibrate import split_calibration
+    from edgetl.tflite_calibrate import controlled_calibration
 
     images = np.load(calibration).copy()
-    # The uint8 input takes raw pixels only if its quantisation is scale 1 / zero point 0, i.e. if the
-    # calibrated input range is exactly 0..255. Real image sets nearly always span it; to guarantee it
-    # (dark or blank calibration sets do not), one pixel of the first image is set to 0 and one to
-    # 255: a negligible change to the statistics of every later layer.
-    images[0, 0, 0, :] = 0
-    images[0, 0, 1, :] = 255
-
     mine = len(images)
-    if helper is not None and mode == "int8" and len(images) > 1:
-        mine = len(images) // 2
-    split = split_calibration(helper, images[mine:]) if mine < len(images) else nullcontext()
+    if mode == "int8":
+        # The uint8 input takes raw pixels only if its quantisation is scale 1 / zero point 0, i.e. if its
+        # calibrated range is exactly 0..255, whatever the images span: set in the calibrated model.
+        if helper is not None and len(images) > 1:
+            mine = len(images) // 2
+        split = controlled_calibration(helper, images[mine:], input_range=(0.0, 255.0))
+    else:
+        # int16x8 (TFLite's other quantiser, which calibrates again itself): the input is quantised by
+        # the runtime, so its range only needs to span every pixel value; one black and one white
+        # pixel make sure of it.
+        images[0, 0, 0, :] = 0
+        images[0, 0, 1, :] = 255
+        split = nullcontext()
 
     def representative_dataset():
         for image in images[:mine]:

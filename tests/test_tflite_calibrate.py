@@ -90,3 +90,43 @@ def test_merge_ranges_takes_the_wider_range(graph_dir):
     merged = ranges(merge_ranges(dark, bright))
     expected = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(ranges(dark), ranges(bright), strict=True)]
     assert merged == expected and merged != ranges(dark) and merged != ranges(bright)
+
+
+def test_raw_pixel_input_whatever_the_images_span(graph_dir, tmp_path):
+    """Images spanning 40..200 only: the uint8 input is still scale 1, zero point 0, and no other tensor's
+    range is touched (a black and a white pixel in an image, the old way, widened the stem's)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from tensorflow.lite.python.optimize import calibrator
+
+    from edgetl.tflite_calibrate import _samples, merge_ranges
+    from edgetl.tflite_inspect import inspect_tflite
+
+    narrow = np.random.default_rng(1).integers(40, 201, (8, 64, 64, 3), dtype=np.uint8)
+    np.save(tmp_path / "narrow.npy", narrow)
+    captured = {}
+    original = calibrator.Calibrator.calibrate
+
+    def capture(self, dataset_gen):
+        captured["model"] = self._model_content
+        return original(self, dataset_gen)
+
+    calibrator.Calibrator.calibrate = capture
+    try:
+        from edgetl.tflite_convert import converter_factory, quantize
+
+        model = quantize(converter_factory(graph_dir), tmp_path / "narrow.npy", "int8")
+    finally:
+        calibrator.Calibrator.calibrate = original
+    (tmp_path / "m.tflite").write_bytes(model)
+    facts = inspect_tflite(str(tmp_path / "m.tflite"))
+    assert (facts.input.dtype, facts.input.scale, facts.input.zero_point) == ("uint8", 1.0, 0)
+
+    plain = original(calibrator.Calibrator(captured["model"]), lambda: _samples(narrow))
+    trees = [schema.ModelT.InitFromObj(schema.Model.GetRootAs(m, 0)).subgraphs[0]
+             for m in (plain, merge_ranges(plain, None, (0.0, 255.0)))]  # fmt: skip
+    changed = [i for i, (a, b) in enumerate(zip(trees[0].tensors, trees[1].tensors, strict=True))
+               if a.quantization is not None and a.quantization.min is not None
+               and (list(a.quantization.min) != list(b.quantization.min)
+                    or list(a.quantization.max) != list(b.quantization.max))]  # fmt: skip
+    assert changed == [trees[0].inputs[0]]  # the input alone: 40..200 -> 0..255
+    assert list(trees[1].tensors[changed[0]].quantization.max) == [255.0]
