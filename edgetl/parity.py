@@ -84,6 +84,7 @@ def compare(
     top-2 logit): a flip of a near-tie is noise, a flip of a confident prediction is a broken layer.
     """
     pred, ref_pred = logits.argmax(1), reference.argmax(1)
+    agree = pred == ref_pred
     error = reference - logits
     cosine = np.sum(reference * logits, 1) / (
         np.linalg.norm(reference, axis=1) * np.linalg.norm(logits, axis=1) + 1e-12
@@ -101,7 +102,7 @@ def compare(
         "count": int(len(labels)),
         "top1": float((pred == labels).mean()),
         "delta_top1_pp": 100 * float((pred == labels).mean() - (ref_pred == labels).mean()),
-        "agreement": float((pred == ref_pred).mean()),
+        "agreement": float(agree.mean()),
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),
         "sqnr_db": sqnr if math.isfinite(sqnr) else None,
@@ -112,12 +113,11 @@ def compare(
     if len(classes) >= 5:
         top5 = np.argsort(-logits, 1)[:, :5]
         metrics["top5"] = float((top5 == labels[:, None]).any(1).mean())
-    agreeing = int((pred == ref_pred).sum())
-    metrics["agreement_ci95"] = [round(bound, 4) for bound in wilson_interval(agreeing, len(labels))]
+    metrics["agreement_ci95"] = [round(bound, 4) for bound in wilson_interval(int(agree.sum()), len(labels))]
     if paths is not None:
         ranked = np.sort(reference, axis=1)
         margin = ranked[:, -1] - ranked[:, -2] if reference.shape[1] > 1 else np.zeros(len(reference))
-        flipped = np.flatnonzero(pred != ref_pred)
+        flipped = np.flatnonzero(~agree)
         flipped = flipped[np.argsort(-margin[flipped], kind="stable")]
         metrics["disagreements"] = [
             {"image": _image_name(paths[i], root), "label": classes[labels[i]], "float": classes[ref_pred[i]],

@@ -54,7 +54,8 @@ def merge_ranges(first: bytes, second: bytes | None = None, input_range: tuple[f
     return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
 
 
-def _samples(images: np.ndarray) -> Iterator[list[np.ndarray]]:
+def calibration_samples(images: np.ndarray) -> Iterator[list[np.ndarray]]:
+    """TFLite's representative dataset for uint8 NHWC ``images``: one float32 batch of one per image."""
     for image in images:
         yield [image[None].astype(np.float32)]
 
@@ -129,7 +130,7 @@ def controlled_calibration(
             theirs = helper.finish(output)
             if theirs is None:
                 record["helper_failed"] = True
-                theirs = original(calibrator.Calibrator(self._model_content), lambda: _samples(rest))
+                theirs = original(calibrator.Calibrator(self._model_content), lambda: calibration_samples(rest))
         else:
             mine = original(self, dataset_gen)
         merged = merge_ranges(mine, theirs, input_range)
@@ -151,7 +152,7 @@ def main() -> int:
         return 0  # not needed after all
     job = json.loads(line)
     images = np.load(job["images"])
-    calibrated = calibrator.Calibrator(Path(job["model"]).read_bytes()).calibrate(lambda: _samples(images))
+    calibrated = calibrator.Calibrator(Path(job["model"]).read_bytes()).calibrate(lambda: calibration_samples(images))
     partial = Path(job["output"] + ".part")
     partial.write_bytes(calibrated)
     os.replace(partial, job["output"])

@@ -90,7 +90,7 @@ def quantize(
     import numpy as np
     import tensorflow as tf
 
-    from edgetl.tflite_calibrate import controlled_calibration
+    from edgetl.tflite_calibrate import calibration_samples, controlled_calibration
 
     images = np.load(calibration).copy()
     mine = len(images)
@@ -108,13 +108,9 @@ def quantize(
         images[0, 0, 1, :] = 255
         split = nullcontext()
 
-    def representative_dataset():
-        for image in images[:mine]:
-            yield [image[None].astype(np.float32)]
-
     converter = make_converter()
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
+    converter.representative_dataset = lambda: calibration_samples(images[:mine])
     if mode == "int8":
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8
@@ -158,11 +154,12 @@ def diagnose(make_converter: Callable[[], Any], calibration: Path, csv_path: Pat
     import numpy as np
     import tensorflow as tf
 
+    from edgetl.tflite_calibrate import calibration_samples
+
     images = np.load(calibration)
 
     def dataset():
-        for image in images[:32]:
-            yield [image[None].astype(np.float32)]
+        return calibration_samples(images[:32])
 
     converter = make_converter()
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

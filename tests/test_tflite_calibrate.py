@@ -26,10 +26,38 @@ def graph_dir(learned_run, tmp_path_factory):
     return folder
 
 
-def _int8(folder: Path, helper) -> bytes:
+def _int8(folder: Path, helper, calibration: Path | None = None) -> bytes:
     from edgetl.tflite_convert import converter_factory, quantize
 
-    return quantize(converter_factory(folder), folder / "calibration.npy", "int8", helper)
+    return quantize(converter_factory(folder), calibration or folder / "calibration.npy", "int8", helper)
+
+
+def _int8_and_calibration_input(folder: Path, calibration: Path | None = None) -> tuple[bytes, bytes]:
+    """The int8 model (no helper) and the model TensorFlow's calibrator was given for it."""
+    from tensorflow.lite.python.optimize import calibrator
+
+    captured = {}
+    original = calibrator.Calibrator.calibrate
+
+    def capture(self, dataset_gen):
+        captured["model"] = self._model_content
+        return original(self, dataset_gen)
+
+    calibrator.Calibrator.calibrate = capture
+    try:
+        model = _int8(folder, None, calibration)
+    finally:
+        calibrator.Calibrator.calibrate = original
+    return model, captured["model"]
+
+
+def _calibrate(model: bytes, images: np.ndarray) -> bytes:
+    """TensorFlow's calibrator alone on ``images``: ``model`` with every tensor's min/max recorded."""
+    from tensorflow.lite.python.optimize import calibrator
+
+    from edgetl.tflite_calibrate import calibration_samples
+
+    return calibrator.Calibrator(model).calibrate(lambda: calibration_samples(images))
 
 
 def test_two_process_calibration_gives_the_same_model(graph_dir):
@@ -62,25 +90,12 @@ def test_a_failed_helper_changes_nothing(graph_dir):
 
 def test_merge_ranges_takes_the_wider_range(graph_dir):
     from ai_edge_litert import schema_py_generated as schema
-    from tensorflow.lite.python.optimize import calibrator
 
-    from edgetl.tflite_calibrate import _samples, merge_ranges
+    from edgetl.tflite_calibrate import merge_ranges
 
-    captured = {}
-    original = calibrator.Calibrator.calibrate
-
-    def capture(self, dataset_gen):
-        captured["model"] = self._model_content
-        return original(self, dataset_gen)
-
-    calibrator.Calibrator.calibrate = capture
-    try:
-        _int8(graph_dir, None)
-    finally:
-        calibrator.Calibrator.calibrate = original
+    _, calibration_input = _int8_and_calibration_input(graph_dir)
     images = np.load(graph_dir / "calibration.npy")
-    dark, bright = (original(calibrator.Calibrator(captured["model"]), lambda part=part: _samples(part))
-                    for part in (images // 4, 192 + images // 4))  # fmt: skip
+    dark, bright = (_calibrate(calibration_input, part) for part in (images // 4, 192 + images // 4))
 
     def ranges(model: bytes) -> list[tuple[float, float]]:
         graph = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0)).subgraphs[0]
@@ -96,32 +111,18 @@ def test_raw_pixel_input_whatever_the_images_span(graph_dir, tmp_path):
     """Images spanning 40..200 only: the uint8 input is still scale 1, zero point 0, and no other tensor's
     range is touched (a black and a white pixel in an image, the old way, widened the stem's)."""
     from ai_edge_litert import schema_py_generated as schema
-    from tensorflow.lite.python.optimize import calibrator
 
-    from edgetl.tflite_calibrate import _samples, merge_ranges
+    from edgetl.tflite_calibrate import merge_ranges
     from edgetl.tflite_inspect import inspect_tflite
 
     narrow = np.random.default_rng(1).integers(40, 201, (8, 64, 64, 3), dtype=np.uint8)
     np.save(tmp_path / "narrow.npy", narrow)
-    captured = {}
-    original = calibrator.Calibrator.calibrate
-
-    def capture(self, dataset_gen):
-        captured["model"] = self._model_content
-        return original(self, dataset_gen)
-
-    calibrator.Calibrator.calibrate = capture
-    try:
-        from edgetl.tflite_convert import converter_factory, quantize
-
-        model = quantize(converter_factory(graph_dir), tmp_path / "narrow.npy", "int8")
-    finally:
-        calibrator.Calibrator.calibrate = original
+    model, calibration_input = _int8_and_calibration_input(graph_dir, tmp_path / "narrow.npy")
     (tmp_path / "m.tflite").write_bytes(model)
     facts = inspect_tflite(str(tmp_path / "m.tflite"))
     assert (facts.input.dtype, facts.input.scale, facts.input.zero_point) == ("uint8", 1.0, 0)
 
-    plain = original(calibrator.Calibrator(captured["model"]), lambda: _samples(narrow))
+    plain = _calibrate(calibration_input, narrow)
     trees = [schema.ModelT.InitFromObj(schema.Model.GetRootAs(m, 0)).subgraphs[0]
              for m in (plain, merge_ranges(plain, None, (0.0, 255.0)))]  # fmt: skip
     changed = [i for i, (a, b) in enumerate(zip(trees[0].tensors, trees[1].tensors, strict=True))
