@@ -66,3 +66,23 @@ def finished_run(path: str) -> Path | None:
         print(f"skipped: no finished run in {run}", file=sys.stderr)
         return None
     return run
+
+
+def training_settings(run: Path) -> str:
+    """How ``run`` was fine-tuned, for a result's header: the settings that differ from edgetl's
+    defaults (weights left out: every run here starts from the shared ImageNet backbone unless it says
+    ``weights=none``) and the kept model's validation top-1."""
+    from edgetl.config import FinetuneConfig
+
+    config = json.loads((run / "manifest.json").read_text())["stages"]["finetune"]["config"]
+    defaults = FinetuneConfig().to_dict()
+    changed = [
+        f"{k}={v}"
+        for k, v in config.items()
+        if k in defaults and k not in ("weights", "device", "decode_workers") and v != defaults[k]
+    ]
+    if config.get("weights") == "none":
+        changed.insert(0, "weights=none")
+    metrics = json.loads((run / "metrics.json").read_text())
+    how = "edgetl finetune defaults" if not changed else "edgetl finetune with " + ", ".join(changed)
+    return f"{how}; kept model's val top-1 {100 * metrics['val']['top1']:.2f}% (epoch {metrics['best_epoch']})"

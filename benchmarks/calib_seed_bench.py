@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import finished_run, machine, write_result  # noqa: E402
+from _common import finished_run, machine, training_settings, write_result  # noqa: E402
 
 CALIB = Path(__file__).resolve().parents[1] / "calib"
 KEYS = ("top1", "delta_top1_pp", "agreement", "sqnr_db", "passed")
@@ -72,6 +72,7 @@ def main() -> int:
         f"# int8 parity across calibration seeds: {args.tag}",
         "",
         f"Run: {run}. Validation images: {count} (val split). Machine: {info['cpu']}, {info['cpus']} CPUs.",
+        f"Training: {training_settings(run)}.",
         "One export per row: the default recipe (calib/default.toml) with the seed changed, edgetl export",
         "defaults otherwise (direct converter, bias correction), no remedies. Targets (issue #3): Δ ≤ 0.5 pp,",
         "agreement ≥ 99 %; gate: Δ ≥ −1.0 pp, agreement ≥ 98 %.",
@@ -99,12 +100,16 @@ def main() -> int:
             "delta_target_met": sum(d >= -0.5 for d in delta),
         }  # fmt: skip
         s = summary["on" if equalize else "off"]
-        lines += ["", f"Equalisation {'on' if equalize else 'off'}, {len(group)} exports: agreement "
-                  f"{100 * s['agreement_min']:.2f}–{100 * s['agreement_max']:.2f} % (mean "
-                  f"{100 * s['agreement_mean']:.2f} %, ≥ 99 % in {s['agreement_target_met']}), Δtop-1 "
-                  f"{s['delta_min']:+.2f} to {s['delta_max']:+.2f} pp (≥ −0.5 in {s['delta_target_met']}), "
-                  f"SQNR {s['sqnr_min']:.1f}–{s['sqnr_max']:.1f} dB."]
-    payload = {"machine": info, "run": str(run), "images": count, "rows": rows, "summary": summary}
+        lines += [
+            "",
+            f"Equalisation {'on' if equalize else 'off'}, {len(group)} exports: agreement "
+            f"{100 * s['agreement_min']:.2f}–{100 * s['agreement_max']:.2f} % (mean "
+            f"{100 * s['agreement_mean']:.2f} %, ≥ 99 % in {s['agreement_target_met']}), Δtop-1 "
+            f"{s['delta_min']:+.2f} to {s['delta_max']:+.2f} pp (≥ −0.5 in {s['delta_target_met']}), "
+            f"SQNR {s['sqnr_min']:.1f}–{s['sqnr_max']:.1f} dB.",
+        ]
+    payload = {"machine": info, "run": str(run), "training": training_settings(run), "images": count,
+               "rows": rows, "summary": summary}  # fmt: skip
     write_result(f"calib_seed_bench_{args.tag}", payload, "\n".join(lines) + "\n")
     return 0
 

@@ -1,16 +1,25 @@
-"""Validation accuracy after each phase, ImageNet-initialised vs from scratch, same budget.
+"""Validation accuracy after each phase: ImageNet-initialised vs from scratch, and how much of the
+backbone phase 2 trains, same budget.
 
-Runs ``edgetl.train.finetune`` twice on the sign-language digits in ../shared (2,062 real photos,
-10 classes, seeded stratified 80/20 split) with edgetl's default settings, once with
-``--weights ../shared/weights/mobilenet_v2_imagenet_features.pth`` and once with ``--weights none``,
-and writes ``results/finetune_accuracy_<tag>.{json,md}``.
+Runs ``edgetl.train.finetune`` on the sign-language digits in ../shared (2,062 real photos, 10 classes,
+seeded stratified 80/20 split) and writes ``results/finetune_accuracy_<tag>.{json,md}``. Variants:
 
-    python benchmarks/finetune_accuracy.py [--image-size 224] [--head-epochs 5] [--finetune-epochs 10]
+* ``imagenet``: edgetl's defaults with ``--weights ../shared/weights/mobilenet_v2_imagenet_features.pth``
+  (phase 2 trains the last third of the backbone at a tenth of the head's learning rate);
+* ``scratch``: the defaults with ``--weights none``;
+* ``imagenet-unfrozen``: ImageNet weights, phase 2 trains the whole backbone at the head's learning rate
+  (``--unfreeze-from 0 --backbone-lr-mult 1``).
+
+``--only`` runs some of them; rows already in the result file from earlier invocations with the same
+budget are kept (each row says which training seed it used).
+
+    python benchmarks/finetune_accuracy.py [--only imagenet-unfrozen] [--seeds 0 1] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -18,7 +27,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, machine, write_result  # noqa: E402
+from _common import RESULTS, SHARED, machine, write_result  # noqa: E402
+
+# variant -> settings on top of edgetl's defaults ("weights": "imagenet" means the shared backbone file)
+VARIANTS = {
+    "imagenet": {"weights": "imagenet"},
+    "scratch": {"weights": "none"},
+    "imagenet-unfrozen": {"weights": "imagenet", "unfreeze_from": 0, "backbone_lr_mult": 1.0},
+}
 
 
 def main() -> int:
@@ -30,7 +46,8 @@ def main() -> int:
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--tag", default="sign_language_cpu")
     parser.add_argument("--keep", default=None, help="keep the run directories under this folder")
-    parser.add_argument("--only", choices=["imagenet", "scratch"], default=None, help="run one of the two")
+    parser.add_argument("--only", choices=list(VARIANTS), nargs="+", default=None, help="run only these variants")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run each")
     args = parser.parse_args()
     if not Path(args.data).is_dir() or not Path(args.weights).is_file():
         print(f"skipped: {args.data} or {args.weights} is missing", file=sys.stderr)
@@ -40,37 +57,54 @@ def main() -> int:
     from edgetl.config import FinetuneConfig
     from edgetl.train import finetune
 
-    runs = {}
-    for name, weights in (("imagenet", args.weights), ("scratch", "none")):
-        if args.only and name != args.only:
+    runs = previous_runs(args)
+    for name, settings in VARIANTS.items():
+        if args.only and name not in args.only:
             continue
-        cfg = FinetuneConfig.build(
-            {
+        for seed in args.seeds:
+            weights = args.weights if settings["weights"] == "imagenet" else settings["weights"]
+            cfg = FinetuneConfig.build(
+                {
+                    **settings,
+                    "weights": weights,
+                    "image_size": args.image_size,
+                    "head_epochs": args.head_epochs,
+                    "finetune_epochs": args.finetune_epochs,
+                    "seed": seed,
+                }
+            )
+            row = name if seed == 0 else f"{name} (seed {seed})"
+            with tempfile.TemporaryDirectory() as tmp:
+                run_dir = Path(args.keep) / f"{args.tag}_{name}_s{seed}" if args.keep else Path(tmp) / "run"
+                t0 = time.perf_counter()
+                result = finetune(args.data, run_dir, cfg)
+                history = (run_dir / "history.csv").read_text()
+            runs[row] = {
                 "weights": weights,
-                "image_size": args.image_size,
-                "head_epochs": args.head_epochs,
-                "finetune_epochs": args.finetune_epochs,
+                "seed": seed,
+                "phase1_best_val_acc": result.phase1_val_acc,
+                "phase2_best_val_acc": result.phase2_val_acc,
+                "final_val_acc": result.best_val_acc,
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early,
+                "seconds": time.perf_counter() - t0,
+                "history_csv": history,
+                "config": cfg.to_dict(),
             }
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            run_dir = Path(args.keep) / f"{args.tag}_{name}" if args.keep else Path(tmp) / "run"
-            t0 = time.perf_counter()
-            result = finetune(args.data, run_dir, cfg)
-            history = (run_dir / "history.csv").read_text()
-        runs[name] = {
-            "weights": weights,
-            "phase1_best_val_acc": result.phase1_val_acc,
-            "phase2_best_val_acc": result.phase2_val_acc,
-            "final_val_acc": result.best_val_acc,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "stopped_early": result.stopped_early,
-            "seconds": time.perf_counter() - t0,
-            "history_csv": history,
-            "config": cfg.to_dict(),
-        }
-        report(args, runs)  # after each run, so a long benchmark leaves results as it goes
+            report(args, runs)  # after each run, so a long benchmark leaves results as it goes
     return 0
+
+
+def previous_runs(args: argparse.Namespace) -> dict:
+    """Rows of an earlier result file measured with the same data and budget (kept by ``--only``)."""
+    path = RESULTS / f"finetune_accuracy_{args.tag}.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    same = ("image_size", "head_epochs", "finetune_epochs")
+    return {name: run for name, run in old.get("runs", {}).items()
+            if all(run["config"].get(k) == getattr(args, k) for k in same)}  # fmt: skip
 
 
 def report(args: argparse.Namespace, runs: dict) -> None:
@@ -84,9 +118,11 @@ def report(args: argparse.Namespace, runs: dict) -> None:
         f"Data: {args.data} (2,062 photos, 10 classes; seeded stratified 80/20 train/val split).",
         f"Machine: {info['cpu']}, {info['cpus']} CPUs, torch {info.get('torch')}; one run per row.",
         f"Budget: {args.head_epochs} head epochs + up to {args.finetune_epochs} fine-tune epochs "
-        f"(early stopping, patience 3), image size {args.image_size}, other settings edgetl defaults.",
+        f"(early stopping, patience 3), image size {args.image_size}; imagenet-unfrozen trains the whole backbone "
+        "in phase 2 at the head's learning rate (--unfreeze-from 0 --backbone-lr-mult 1); other settings edgetl "
+        "defaults, training seed 0 unless the row says otherwise.",
         "",
-        "| weights | val top-1 after phase 1 | after phase 2 | kept model (best val loss) | epochs | time |",
+        "| variant | val top-1 after phase 1 | after phase 2 | kept model (best val loss) | epochs | time |",
         "|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():

@@ -199,9 +199,12 @@ def _parity_lines(report: Any) -> list[str]:
     lines = []
     for name, m in report.artifacts.items():
         verdict = "pass" if m["passed"] else "FAIL"
+        ties = m.get("near_ties") or {}
+        differ = ties.get("disagreements_within", 0) + ties.get("disagreements_outside", 0)
+        flips = f" ({differ} differ, {ties['disagreements_within']} of them near-ties)" if differ else ""
         lines.append(
             f"  {name:<22} top-1 {100 * m['top1']:6.2f}%  Δ {m['delta_top1_pp']:+.2f} pp  "
-            f"agreement {100 * m['agreement']:6.2f}%  {verdict}"
+            f"agreement {100 * m['agreement']:6.2f}%{flips}  {verdict}"
         )
     return lines
 

@@ -118,6 +118,8 @@ def compare(
         ranked = np.sort(reference, axis=1)
         margin = ranked[:, -1] - ranked[:, -2] if reference.shape[1] > 1 else np.zeros(len(reference))
         flipped = np.flatnonzero(~agree)
+        if reference.shape[1] > 1:
+            metrics["near_ties"] = near_ties(reference, logits, margin, agree)
         flipped = flipped[np.argsort(-margin[flipped], kind="stable")]
         metrics["disagreements"] = [
             {"image": _image_name(paths[i], root), "label": classes[labels[i]], "float": classes[ref_pred[i]],
@@ -125,6 +127,31 @@ def compare(
             for i in flipped[:LISTED_DISAGREEMENTS]
         ]  # fmt: skip
     return metrics
+
+
+def near_ties(reference: np.ndarray, logits: np.ndarray, margin: np.ndarray, agree: np.ndarray) -> dict[str, Any]:
+    """How many images are near-ties at this model's noise level, and how many disagreements they hold.
+
+    The noise is measured where it decides top-1: on the float model's top-1 minus top-2 logit, as the
+    model under test moves it (sigma: 1.4826 x its median absolute deviation over all images, the
+    standard deviation of Gaussian noise that a few broken predictions cannot inflate). An image whose float
+    margin is below 2 sigma can flip by noise alone; disagreements outside that band are what a broken
+    layer or a biased range looks like. The share of near-ties is a property of the *float* model:
+    a more decisive float model has fewer of them for the same quantisation noise.
+    """
+    rows = np.arange(len(reference))
+    top = np.argsort(-reference, axis=1)[:, :2]
+    moved = logits[rows, top[:, 0]] - logits[rows, top[:, 1]]
+    change = moved - margin
+    sigma = 1.4826 * float(np.median(np.abs(change - np.median(change))))
+    near = margin < 2 * sigma
+    return {
+        "margin_noise_sigma": round(sigma, 4),
+        "threshold": round(2 * sigma, 4),
+        "images": int(near.sum()),
+        "disagreements_within": int((~agree & near).sum()),
+        "disagreements_outside": int((~agree & ~near).sum()),
+    }
 
 
 # ----------------------------------------------------------------------------- runners
@@ -419,6 +446,14 @@ def parity_markdown(report: ParityReport) -> str:
         if not listed:
             continue
         total = round((1 - m["agreement"]) * count)
+        ties = m.get("near_ties")
+        if ties:
+            share = 100 * ties["images"] / count
+            lines += ["", f"Near-ties for {name}: {ties['images']} images ({share:.1f} %) have a float margin below "
+                      f"{ties['threshold']:.3f} (2 sigma of this model's noise on the float top-1 minus top-2 logit); "
+                      f"{ties['disagreements_within']} of the {total} disagreements are among them, "
+                      f"{ties['disagreements_outside']} outside (a flip outside the band is not rounding noise: look "
+                      "at the diagnosis)."]  # fmt: skip
         lines += ["", f"## Where {name}'s top-1 differs from float ({total} of {count} images"
                   + (f", the {len(listed)} with the surest float prediction" if total > len(listed) else "") + ")",
                   "", "Float margin: the float model's top-1 logit minus its top-2: near 0, a near-tie that any "

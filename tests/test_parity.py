@@ -70,3 +70,26 @@ def test_report_shows_interval_and_disagreements():
     assert "One image is 25.00 pp of agreement here" in text
     low, high = int8["agreement_ci95"]
     assert f"50.00% ({100 * low:.1f}–{100 * high:.1f})" in text
+
+
+def test_near_ties_band_separates_noise_from_a_broken_prediction():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(scale=2.0, size=(400, 5))
+    logits = reference + rng.normal(scale=0.1, size=reference.shape)  # rounding-like noise on every logit
+    sure = int(np.argmax(np.diff(np.sort(reference, 1)[:, -2:], axis=1)))
+    logits[sure] = -reference[sure]  # one confident prediction broken outright
+    labels = reference.argmax(1)
+    metrics = compare(reference, logits, labels, list("abcde"), [f"{i}.png" for i in range(400)], None)
+    ties = metrics["near_ties"]
+    # noise on a difference of two logits: 0.1 * sqrt(2); the broken image does not inflate it
+    assert ties["margin_noise_sigma"] == pytest.approx(0.1 * 2**0.5, rel=0.15)
+    ranked = np.sort(reference, 1)
+    assert ties["images"] == int((ranked[:, -1] - ranked[:, -2] < ties["threshold"]).sum())
+    total = round((1 - metrics["agreement"]) * 400)
+    assert total >= 3 and ties["disagreements_outside"] == 1  # the broken one; the flips of noise are inside
+    assert ties["disagreements_within"] == total - 1
+    report = ParityReport(passed=True, thresholds=Thresholds(), data={"source": "val split", "count": 400},
+                          float_metrics=compare(reference, reference, labels, list("abcde")),
+                          artifacts={"model_int8.tflite": {**metrics, "format": "tflite", "precision": "int8",
+                                                           "passed": True}})  # fmt: skip
+    assert f"{total - 1} of the {total} disagreements are among them, 1 outside" in parity_markdown(report)
