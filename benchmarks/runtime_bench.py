@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -41,9 +42,15 @@ def main() -> int:
     parser.add_argument("bundle")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--tag", default="sign_language_rpi4_cpu")
+    parser.add_argument(
+        "--tag", default=None, help="result name [sign_language_<the bundle's target>_on_<this machine's arch>]"
+    )
     parser.add_argument("--run", default=None, help="the run the bundle came from [BUNDLE/../..]")
     args = parser.parse_args()
+    if args.tag is None:  # the bundle names the target it was built for; the numbers are this machine's
+        manifest = Path(args.bundle) / "manifest.json"
+        target = json.loads(manifest.read_text())["target"]["name"] if manifest.is_file() else "model"
+        args.tag = f"sign_language_{target.replace('-', '_')}_on_{platform.machine()}"
 
     import numpy as np
 

@@ -10,8 +10,11 @@ Writes ``results/train_throughput_<device>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +30,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per phase")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--heap",
+        choices=["both", "retained", "glibc"],
+        default="both",
+        help="CPU: glibc's malloc defaults, the heap kept as edgetl finetune keeps it, or both "
+        "(the defaults then run in a separate process: a process's heap is not reset by mallopt)",
+    )
+    parser.add_argument("--json-out", default=None, help=argparse.SUPPRESS)  # the --heap glibc child's result
     args = parser.parse_args()
 
     import numpy as np
@@ -34,6 +45,7 @@ def main() -> int:
 
     from edgetl.config import FinetuneConfig
     from edgetl.data import LoadedSplit
+    from edgetl.hostmem import glibc, retained_heap
     from edgetl.model import EdgeClassifier, default_unfreeze_from, set_trainable
     from edgetl.runtime.preprocess import PreprocessSpec
     from edgetl.train import build_optimizer, resolve_device, train_one_epoch
@@ -54,19 +66,30 @@ def main() -> int:
     cut = default_unfreeze_from(model)
     steps = -(-args.images // args.batch_size)
 
+    # (name, phase, first trained block): the defaults' two phases, and phase 2 over the whole backbone
+    setups = [("phase1", 1, cut), ("phase2", 2, cut), ("phase2_all", 2, 0)]
     phases = {}
-    for phase in (1, 2):
-        set_trainable(model, phase, cut)
-        optimizer, scheduler = build_optimizer(model, cfg, phase, cut, steps)
-        rates = []
-        for epoch in range(args.epochs + 1):  # the first epoch warms up and is not counted
-            stats = train_one_epoch(
-                model, split, on_device, cfg, phase, cut, optimizer, scheduler, device, epoch,
-                f"phase {phase}",
-            )  # fmt: skip
-            if epoch:
-                rates.append(stats["images_per_s"])
-        phases[f"phase{phase}"] = {"images_per_s_median": statistics.median(rates), "runs": rates}
+    if device.type == "cpu" and glibc() is not None and args.heap == "both":
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "glibc.json"
+            argv = [a for a in sys.argv[1:] if not a.startswith("--heap")]
+            subprocess.run([sys.executable, __file__, *argv, "--heap", "glibc", "--json-out", str(out)], check=True)
+            phases.update({f"{k}_glibc_defaults": v for k, v in json.loads(out.read_text()).items()})
+    with retained_heap(args.heap != "glibc"):
+        for name, phase, first in setups:
+            set_trainable(model, phase, first)
+            optimizer, scheduler = build_optimizer(model, cfg, phase, first, steps)
+            rates = []
+            for epoch in range(args.epochs + 1):  # the first epoch warms up and is not counted
+                stats = train_one_epoch(
+                    model, split, on_device, cfg, phase, first, optimizer, scheduler, device, epoch, name,
+                )  # fmt: skip
+                if epoch:
+                    rates.append(stats["images_per_s"])
+            phases[name] = {"images_per_s_median": statistics.median(rates), "runs": rates}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(phases))
+        return 0
 
     info = machine()
     info["device"] = str(device)
@@ -79,11 +102,18 @@ def main() -> int:
         f"MobileNetV2 width {args.width}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
         f"{args.images} generated images per epoch; median of {args.epochs} epochs after a warm-up epoch.",
         "",
-        "| phase | images/s |",
-        "|---|---|",
-        f"| 1: head only, backbone frozen | {phases['phase1']['images_per_s_median']:.1f} |",
-        f"| 2: last third unfrozen | {phases['phase2']['images_per_s_median']:.1f} |",
+        "Heap: kept for reuse, as `edgetl finetune` trains on the CPU (edgetl.hostmem), or glibc's defaults (measured",
+        "in a separate process).",
+        "",
+        "| phase | images/s | glibc defaults |",
+        "|---|---|---|",
     ]
+    titles = {"phase1": "1: head only, backbone frozen", "phase2": "2: last third unfrozen (default)",
+              "phase2_all": "2: whole backbone (--unfreeze-from 0)"}  # fmt: skip
+    for name, title in titles.items():
+        default = phases.get(f"{name}_glibc_defaults")
+        lines.append(f"| {title} | {phases[name]['images_per_s_median']:.1f} | "
+                     f"{'-' if default is None else format(default['images_per_s_median'], '.1f')} |")  # fmt: skip
     write_result(f"train_throughput_{device.type}", result, "\n".join(lines) + "\n")
     return 0
 

@@ -260,9 +260,9 @@ def export(run_dir: str, int8: bool | None, target: str | None, calib: str | Non
     text.append(f"time: {result.timings['total_s']:.0f}s; report: {run_dir}/parity.md")
     int8 = result.parity.artifacts.get("model_int8.tflite")
     if int8 is not None and not int8["passed"]:
-        from edgetl.parity import QAT_NEXT_STEP
+        from edgetl.parity import next_steps
 
-        text.append(f"next: {QAT_NEXT_STEP.format(run=run_dir.rstrip('/'))}".replace("`", ""))
+        text += [f"next: {step}".replace("`", "") for step in next_steps(run_dir, int8)]
     _emit(as_json, result.to_dict(), "\n".join(text))
     if not result.parity.passed:
         sys.exit(int(ExitCode.PARITY_FAILED))

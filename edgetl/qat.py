@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetl.errors import ConfigError
+from edgetl.hostmem import retained_heap
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +277,10 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     steps = cfg.epochs * math.ceil(len(train.labels) / train_cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     images = torch.from_numpy(train.images)
-    for epoch in range(cfg.epochs):
-        stats = _train_epoch(model, sim, images, train.labels, train_cfg, optimizer, scheduler, epoch, cfg, teacher)
-        evaluate(epoch + 1, stats)
+    with retained_heap():  # CPU training: see edgetl.hostmem
+        for epoch in range(cfg.epochs):
+            stats = _train_epoch(model, sim, images, train.labels, train_cfg, optimizer, scheduler, epoch, cfg, teacher)
+            evaluate(epoch + 1, stats)
 
     # The new run: the fine-tuning record of the original, this model, and the QAT record.
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")

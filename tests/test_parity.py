@@ -93,3 +93,22 @@ def test_near_ties_band_separates_noise_from_a_broken_prediction():
                           artifacts={"model_int8.tflite": {**metrics, "format": "tflite", "precision": "int8",
                                                            "passed": True}})  # fmt: skip
     assert f"{total - 1} of the {total} disagreements are among them, 1 outside" in parity_markdown(report)
+
+
+@pytest.mark.parametrize(
+    ("config", "outside", "retrain_first"),
+    [
+        ({"unfreeze_from": None, "backbone_lr_mult": 0.1}, 0, True),  # edgetl's defaults, only near-ties
+        ({"unfreeze_from": 0, "backbone_lr_mult": 0.1}, 0, True),  # whole backbone, but at a tenth of the rate
+        ({"unfreeze_from": 0, "backbone_lr_mult": 1.0}, 0, False),  # already trained the whole backbone
+        ({"unfreeze_from": None, "backbone_lr_mult": 0.1}, 1, False),  # a confident flip: not a near-tie problem
+    ],
+)
+def test_next_steps_suggest_retraining_only_for_near_ties(monkeypatch, config, outside, retrain_first):
+    import edgetl.parity as parity
+
+    monkeypatch.setattr(parity, "read_manifest", lambda run: {"stages": {"finetune": {"config": config}}})
+    int8 = {"passed": False, "near_ties": {"disagreements_within": 5, "disagreements_outside": outside}}
+    steps = parity.next_steps("runs/x/", int8)
+    assert (steps[0] == parity.RETRAIN_NEXT_STEP) is retrain_first
+    assert steps[-1] == parity.QAT_NEXT_STEP.format(run="runs/x") and len(steps) == 1 + retrain_first
