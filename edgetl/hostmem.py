@@ -6,10 +6,11 @@ the kernel as soon as 128 KiB there are free. A MobileNetV2 training step at 224
 allocates and frees activations and gradients of tens of MiB each, so every step maps them again and
 the kernel zero-fills every page on first touch: on the 2-core benchmark machine that was most of the
 step (``benchmarks/results/train_throughput_cpu.md``, images/s with glibc's defaults -> with the heap
-kept: head only 46.6 -> 177.5, last third unfrozen 44.9 -> 113.2, whole backbone 36.6 -> 46.4). The usual cure is another allocator (jemalloc, tcmalloc) preloaded with
-``LD_PRELOAD``; the same effect needs no dependency: ``mallopt`` tells glibc to take large blocks
-from its heap as well (``M_MMAP_MAX`` 0) and to keep freed memory there (a high ``M_TRIM_THRESHOLD``),
-so that after the first step the same pages are reused. :func:`retained_heap` does that for the
+kept: head only 46.6 -> 177.5, last third unfrozen 44.9 -> 113.2, whole backbone 36.6 -> 46.4).
+The usual cure is another allocator (jemalloc, tcmalloc) preloaded with ``LD_PRELOAD``; the same
+effect needs no dependency: ``mallopt`` tells glibc to take large blocks from its heap as well
+(``M_MMAP_MAX`` 0) and to keep freed memory there (a high ``M_TRIM_THRESHOLD``), so that after the
+first step the same pages are reused. :func:`retained_heap` does that for the
 duration of a training loop and restores glibc's defaults after it, handing the free memory back
 (``malloc_trim``). Elsewhere (macOS, musl, Windows) it does nothing.
 """

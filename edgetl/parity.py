@@ -135,8 +135,9 @@ def near_ties(reference: np.ndarray, logits: np.ndarray, margin: np.ndarray, agr
     The noise is measured where it decides top-1: on the float model's top-1 minus top-2 logit, as the
     model under test moves it (sigma: 1.4826 x its median absolute deviation over all images, the
     standard deviation of Gaussian noise that a few broken predictions cannot inflate). An image whose float
-    margin is below 2 sigma can flip by noise alone; disagreements outside that band are what a broken
-    layer or a biased range looks like. The share of near-ties is a property of the *float* model:
+    margin is below 3 sigma can flip by noise alone; Gaussian noise moves a margin further than that
+    once in 370 draws, so disagreements outside the band are what a broken layer or a biased range
+    looks like. The share of near-ties is a property of the *float* model:
     a more decisive float model has fewer of them for the same quantisation noise.
     """
     rows = np.arange(len(reference))
@@ -144,10 +145,10 @@ def near_ties(reference: np.ndarray, logits: np.ndarray, margin: np.ndarray, agr
     moved = logits[rows, top[:, 0]] - logits[rows, top[:, 1]]
     change = moved - margin
     sigma = 1.4826 * float(np.median(np.abs(change - np.median(change))))
-    near = margin < 2 * sigma
+    near = margin < 3 * sigma
     return {
         "margin_noise_sigma": round(sigma, 4),
-        "threshold": round(2 * sigma, 4),
+        "threshold": round(3 * sigma, 4),
         "images": int(near.sum()),
         "disagreements_within": int((~agree & near).sum()),
         "disagreements_outside": int((~agree & ~near).sum()),
@@ -379,7 +380,8 @@ QAT_NEXT_STEP = ("For an int8 model that passes: quantisation-aware fine-tuning,
 RETRAIN_NEXT_STEP = ("Every disagreement is a near-tie of the float model, and a more decisive float model has fewer: "
                      "fine-tune the whole backbone at the head's learning rate, `edgetl finetune DATA --out NEW_RUN "
                      "--unfreeze-from 0 --backbone-lr-mult 1` (on the sign-language digits: float top-1 95.9 % -> "
-                     "99.3 %, int8 agreement 98.3 % -> 99.5 %; README, Fine-tuning)")  # fmt: skip
+                     "99.3 %, int8 agreement 98.1-98.5 % -> 99.3-100 % over five calibration seeds; README, "
+                     "Fine-tuning)")  # fmt: skip
 
 
 def next_steps(run_dir: str | os.PathLike, int8: dict[str, Any]) -> list[str]:
@@ -477,10 +479,10 @@ def parity_markdown(report: ParityReport) -> str:
         if ties:
             share = 100 * ties["images"] / count
             lines += ["", f"Near-ties for {name}: {ties['images']} images ({share:.1f} %) have a float margin below "
-                      f"{ties['threshold']:.3f} (2 sigma of this model's noise on the float top-1 minus top-2 logit); "
-                      f"{ties['disagreements_within']} of the {total} disagreements are among them, "
-                      f"{ties['disagreements_outside']} outside (a flip outside the band is not rounding noise: look "
-                      "at the diagnosis)."]  # fmt: skip
+                      f"{ties['threshold']:.3f} (3 sigma of this model's noise on the float top-1 minus top-2 logit); "
+                      f"disagreements inside that band: {ties['disagreements_within']} of {total}, outside: "
+                      f"{ties['disagreements_outside']} (rounding noise rarely moves a margin further: a flip outside "
+                      "points at a broken layer, see the diagnosis)."]  # fmt: skip
         lines += ["", f"## Where {name}'s top-1 differs from float ({total} of {count} images"
                   + (f", the {len(listed)} with the surest float prediction" if total > len(listed) else "") + ")",
                   "", "Float margin: the float model's top-1 logit minus its top-2: near 0, a near-tie that any "

@@ -92,7 +92,7 @@ def test_near_ties_band_separates_noise_from_a_broken_prediction():
                           float_metrics=compare(reference, reference, labels, list("abcde")),
                           artifacts={"model_int8.tflite": {**metrics, "format": "tflite", "precision": "int8",
                                                            "passed": True}})  # fmt: skip
-    assert f"{total - 1} of the {total} disagreements are among them, 1 outside" in parity_markdown(report)
+    assert f"disagreements inside that band: {total - 1} of {total}, outside: 1 " in parity_markdown(report)
 
 
 @pytest.mark.parametrize(
