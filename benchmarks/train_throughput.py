@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def main() -> int:
                 if epoch:
                     rates.append(stats["images_per_s"])
             phases[name] = {"images_per_s_median": statistics.median(rates), "runs": rates}
+    phases["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(phases))
         return 0
@@ -114,6 +116,9 @@ def main() -> int:
         default = phases.get(f"{name}_glibc_defaults")
         lines.append(f"| {title} | {phases[name]['images_per_s_median']:.1f} | "
                      f"{'-' if default is None else format(default['images_per_s_median'], '.1f')} |")  # fmt: skip
+    default_rss = phases.get("peak_rss_mib_glibc_defaults")
+    lines += ["", f"Peak resident memory of the process: {phases['peak_rss_mib']:.0f} MiB"
+              + (f" ({default_rss:.0f} MiB with glibc's defaults)." if default_rss else ".")]  # fmt: skip
     write_result(f"train_throughput_{device.type}", result, "\n".join(lines) + "\n")
     return 0
 

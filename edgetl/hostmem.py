@@ -6,7 +6,8 @@ the kernel as soon as 128 KiB there are free. A MobileNetV2 training step at 224
 allocates and frees activations and gradients of tens of MiB each, so every step maps them again and
 the kernel zero-fills every page on first touch: on the 2-core benchmark machine that was most of the
 step (``benchmarks/results/train_throughput_cpu.md``, images/s with glibc's defaults -> with the heap
-kept: head only 46.6 -> 177.5, last third unfrozen 44.9 -> 113.2, whole backbone 36.6 -> 46.4).
+kept: head only 46.6 -> 178.9, last third unfrozen 51.0 -> 116.9, whole backbone 40.6 -> 52.2;
+peak resident memory 3,907 -> 4,073 MiB).
 The usual cure is another allocator (jemalloc, tcmalloc) preloaded with ``LD_PRELOAD``; the same
 effect needs no dependency: ``mallopt`` tells glibc to take large blocks from its heap as well
 (``M_MMAP_MAX`` 0) and to keep freed memory there (a high ``M_TRIM_THRESHOLD``), so that after the
