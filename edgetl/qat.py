@@ -152,9 +152,8 @@ class QuantSim(nn.Module):
         model = self.model
         for layer in layers:
             op, name = layer["op"], layer["name"]
-            if op == "normalize":  # as in the TF graph: x * (1 / std) + (-mean / std), two int8 tensors
-                x = self._act(f"{name}/mul", x * (1.0 / model.std))
-                x = self._act(f"{name}/add", x - model.mean / model.std)
+            if op == "normalize":  # as in the TF graph: a 1x1 depthwise convolution, one int8 tensor (its
+                x = self._act(name, x * (1.0 / model.std) - model.mean / model.std)  # weights are exact in int8)
             elif op == "conv":
                 x = self._conv(x, layer)
             elif op == "block":

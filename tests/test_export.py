@@ -35,7 +35,8 @@ def test_int8_model_is_full_integer_with_raw_pixel_input(exported_run):
     assert (facts.input.scale, facts.input.zero_point) == (1.0, 0)  # raw pixels, norm in the graph
     assert facts.output.dtype == "int8" and facts.output.scale > 0
     assert facts.float_tensors == []
-    assert facts.conv_weights == 52 and facts.per_tensor_conv_weights == []  # MobileNetV2's 52 convs
+    # MobileNetV2's 52 convolutions and the normalisation, a 1x1 depthwise convolution (edgetl.tf_graph)
+    assert facts.conv_weights == 53 and facts.per_tensor_conv_weights == []
     assert set(facts.tensor_dtypes) <= {"int8", "uint8", "int32"}
     assert facts.full_integer_problems() == []
 
@@ -71,8 +72,14 @@ def test_int8_model_is_built_from_the_relu_equalised_graph(exported_run):
     interpreter = Interpreter(model_path=str(run_dir / "model_int8.tflite"),
                               experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
-    depthwise = next(op for op in interpreter._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D")
-    details = next(t for t in interpreter.get_tensor_details() if t["index"] == depthwise["inputs"][1])
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    # The raw pixels go through one 1x1 depthwise convolution (the normalisation), not a broadcast MUL + ADD.
+    assert [op["op_name"] for op in ops[:3]] == ["QUANTIZE", "DEPTHWISE_CONV_2D", "PAD"]
+    assert tensors[ops[1]["inputs"][1]]["shape"].tolist() == [1, 1, 1, 3]
+    depthwise = next(op for op in ops if op["op_name"] == "DEPTHWISE_CONV_2D" and "features.1" in
+                     tensors[op["outputs"][0]]["name"])  # fmt: skip
+    details = tensors[depthwise["inputs"][1]]
     ratio = details["quantization_parameters"]["scales"] / expected
     assert len(ratio) == len(expected)
     assert (ratio <= 1 + 1e-4).all() and ratio.min() < 0.9, ratio
