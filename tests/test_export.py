@@ -210,6 +210,10 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     assert "## int8 diagnosis and remedies" in (run_dir / "parity.md").read_text()
     assert f"`{worst[0]}`" in (run_dir / "parity.md").read_text()
     assert "`edgetl qat run --out run-qat`" in (run_dir / "parity.md").read_text()  # the next step is named
+    # Blank calibration breaks confident predictions too: not a near-tie problem, so retraining is not suggested.
+    ties = report["artifacts"]["model_int8.tflite"]["near_ties"]
+    assert ties["disagreements_outside"] > 0
+    assert "fine-tune the whole backbone" not in (run_dir / "parity.md").read_text()
 
     # Packaging refuses the failing int8 model (exit 3) unless forced, and a forced bundle says so.
     target = tmp_path / "t64.toml"
