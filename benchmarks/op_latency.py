@@ -9,7 +9,12 @@ the parts is not the whole model's latency (no cache reuse between ops, per-invo
 ratio per op type shows which layers int8 speeds up on this CPU and which it does not. Writes
 ``results/op_latency_<tag>.{json,md}``.
 
+``--cut MODEL.tflite [MODEL.tflite ...]`` instead times whole exported models with their first 0..4
+operators removed (the subgraph input moved to the first remaining operator's input), which shows
+what the ops at the front of a model cost in place; writes ``results/op_latency_cut_<tag>.{json,md}``.
+
     python benchmarks/op_latency.py [--runs 100] [--threads 1]
+    python benchmarks/op_latency.py --cut run/model_float32.tflite run/model_int8.tflite --tag NAME
 """
 
 from __future__ import annotations
@@ -102,13 +107,56 @@ def latency_ms(model: bytes, runs: int, threads: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def without_front(model: bytes, count: int) -> bytes:
+    """``model`` with its first ``count`` operators removed; its input becomes the next operator's input."""
+    import flatbuffers
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+
+    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
+    graph = tree.subgraphs[0]
+    graph.inputs = np.array([graph.operators[count].inputs[0]], np.int32)
+    graph.operators = graph.operators[count:]
+    builder = flatbuffers.Builder(len(model) + 4096)
+    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def cut_report(args: argparse.Namespace) -> int:
+    from ai_edge_litert.interpreter import Interpreter
+
+    info = machine()
+    rows = []
+    lines = [f"# Latency of exported models with their first operators removed ({args.tag})", "",
+             f"Machine: {info['cpu']}, {info['cpus']} CPUs. LiteRT (ai-edge-litert) with XNNPACK, median of "
+             f"{args.runs} invokes after 10 warm-ups, one process; threads: {', '.join(map(str, args.threads_list))}.",
+             "", "| model | removed from the front | " + " | ".join(f"ms @{t}" for t in args.threads_list) + " |",
+             "|---|---|" + "---|" * len(args.threads_list)]  # fmt: skip
+    for path in args.cut:
+        model = Path(path).read_bytes()
+        ops = [op["op_name"] for op in Interpreter(model_content=model)._get_ops_details()]
+        for count in range(5):
+            variant = without_front(model, count) if count else model
+            times = {t: latency_ms(variant, args.runs, t) for t in args.threads_list}
+            rows.append({"model": path, "removed": ops[:count], "ms": times})
+            lines.append(f"| `{path}` | {', '.join(ops[:count]) or '-'} | "
+                         + " | ".join(f"{times[t]:.3f}" for t in args.threads_list) + " |")  # fmt: skip
+    write_result(f"op_latency_cut_{args.tag}", {"machine": info, "rows": rows}, "\n".join(lines) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--cut", nargs="+", default=None, help="exported .tflite models to time front-cut")
+    parser.add_argument("--cut-threads", default="1,2", help="thread counts for --cut")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.cut:
+        args.threads_list = [int(t) for t in args.cut_threads.split(",")]
+        return cut_report(args)
 
     rows = []
     for layer in layers():
