@@ -9,8 +9,9 @@ The export checks the result against PyTorch like any other artifact (max abs lo
 
 The normalisation ``x * (1 / std) + (-mean / std)`` becomes one 1x1 depthwise convolution with a bias,
 not a broadcast MUL and ADD: LiteRT runs those two on a [1, 224, 224, 3] tensor outside XNNPACK's fast
-paths (innermost dimension 3), and in the int8 model they took 0.76 of its 2.30 ms on the benchmark
-machine; as a convolution the whole int8 model runs in 1.68 ms (``benchmarks/results/export_bench_*``).
+paths (innermost dimension 3), and in the int8 model they took 0.75 of its 2.27 ms on the benchmark
+machine (``benchmarks/results/op_latency_cut_sign_language.md``); as a convolution the whole int8 model
+runs in 1.68 ms (``benchmarks/results/export_bench_sign_language_cpu.md``).
 Its int8 weights are exact (one weight per channel quantises to 127), so the int8 graph keeps one
 rounding there (the normalised input) where it had two.
 
