@@ -486,7 +486,7 @@ def finetune(
     config_dict = cfg.to_dict()
 
     epoch = next_epoch
-    with retained_heap(device.type == "cpu"):  # see edgetl.hostmem: 2.5-4x on CPU
+    with retained_heap(device.type == "cpu"):  # edgetl.hostmem: 1.3-3.8x faster epochs on the CPU
         try:
             while epoch < total_epochs and not stopped_early:
                 phase = _phase_of(epoch, cfg)
