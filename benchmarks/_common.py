@@ -17,9 +17,12 @@ def machine() -> dict:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        # x86: "model name"; a Raspberry Pi's kernel names the board in "Model" instead
+        for key in ("model name", "Model"):
+            found = [line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key]
+            if found:
+                cpu = found[0]
                 break
     except OSError:
         pass
