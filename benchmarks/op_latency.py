@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,21 +88,24 @@ def convert(model, int8: bool) -> bytes:
 
 
 def latency_ms(model: bytes, runs: int, threads: int) -> float:
+    """Median invoke time in ms (:func:`edgetl.runtime.bench.invoke_latency`, 10 warm-ups), every
+    input zero-filled once beforehand: one-op models may have two inputs."""
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
+
+    from edgetl.runtime.bench import invoke_latency
 
     interpreter = Interpreter(model_content=model, num_threads=threads)
     interpreter.allocate_tensors()
     for inp in interpreter.get_input_details():
         interpreter.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
-    for _ in range(10):
-        interpreter.invoke()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        interpreter.invoke()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+
+    class Preset:  # invoke_latency's model: inputs already set, so invoke(tensor) is invoke() alone
+        @staticmethod
+        def invoke(_tensor: object) -> None:
+            interpreter.invoke()
+
+    return invoke_latency(Preset, None, runs=runs, warmup=10)["median_ms"]
 
 
 def without_front(model: bytes, count: int) -> bytes:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.tflite_inspect import op_names
+
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
@@ -30,14 +32,8 @@ class NotCorrectable(Exception):
     """The float and quantised models cannot be paired op by op."""
 
 
-def _op_names() -> dict[int, str]:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-
-
 def _weighted_ops(model: Any) -> list[tuple[str, Any]]:
-    names = _op_names()
+    names = op_names()
     graph = model.subgraphs[0]
     ops = []
     for op in graph.operators:
@@ -210,7 +206,7 @@ def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, 
 
     qmodel = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
     graph = qmodel.subgraphs[0]
-    names = _op_names()
+    names = op_names()
     output = graph.outputs[0]
     while True:  # (de)quantising the output is affine: the mean error passes through unchanged
         before = [op for op in graph.operators if output in op.outputs]

@@ -115,11 +115,12 @@ def compare(
         metrics["top5"] = float((top5 == labels[:, None]).any(1).mean())
     metrics["agreement_ci95"] = [round(bound, 4) for bound in wilson_interval(int(agree.sum()), len(labels))]
     if paths is not None:
-        ranked = np.sort(reference, axis=1)
-        margin = ranked[:, -1] - ranked[:, -2] if reference.shape[1] > 1 else np.zeros(len(reference))
-        flipped = np.flatnonzero(~agree)
+        margin = np.zeros(len(reference))
         if reference.shape[1] > 1:
-            metrics["near_ties"] = near_ties(reference, logits, margin, agree)
+            rows, top = np.arange(len(reference)), np.argsort(-reference, axis=1)[:, :2]
+            margin = reference[rows, top[:, 0]] - reference[rows, top[:, 1]]
+            metrics["near_ties"] = near_ties(logits[rows, top[:, 0]] - logits[rows, top[:, 1]], margin, agree)
+        flipped = np.flatnonzero(~agree)
         flipped = flipped[np.argsort(-margin[flipped], kind="stable")]
         metrics["disagreements"] = [
             {"image": _image_name(paths[i], root), "label": classes[labels[i]], "float": classes[ref_pred[i]],
@@ -129,20 +130,19 @@ def compare(
     return metrics
 
 
-def near_ties(reference: np.ndarray, logits: np.ndarray, margin: np.ndarray, agree: np.ndarray) -> dict[str, Any]:
+def near_ties(moved: np.ndarray, margin: np.ndarray, agree: np.ndarray) -> dict[str, Any]:
     """How many images are near-ties at this model's noise level, and how many disagreements they hold.
 
-    The noise is measured where it decides top-1: on the float model's top-1 minus top-2 logit, as the
-    model under test moves it (sigma: 1.4826 x its median absolute deviation over all images, the
-    standard deviation of Gaussian noise, which a few broken predictions cannot inflate). An image
-    whose float margin is below 3 sigma can flip by noise alone; Gaussian noise moves a margin further
-    than that once in 370 draws, so disagreements outside the band are what a broken layer or a biased
-    range looks like. The share of near-ties is a property of the *float* model: a more decisive float
-    model has fewer of them for the same quantisation noise.
+    ``margin``: the float model's top-1 minus top-2 logit per image; ``moved``: the same two classes'
+    logit difference in the model under test; ``agree``: whether the two top-1s agree. The noise is
+    measured where it decides top-1: on that margin, as the model under test moves it (sigma: 1.4826 x
+    its median absolute deviation over all images, the standard deviation of Gaussian noise, which a
+    few broken predictions cannot inflate). An image whose float margin is below 3 sigma can flip by
+    noise alone; Gaussian noise moves a margin further than that once in 370 draws, so disagreements
+    outside the band are what a broken layer or a biased range looks like. The share of near-ties is a
+    property of the *float* model: a more decisive float model has fewer of them for the same
+    quantisation noise.
     """
-    rows = np.arange(len(reference))
-    top = np.argsort(-reference, axis=1)[:, :2]
-    moved = logits[rows, top[:, 0]] - logits[rows, top[:, 1]]
     change = moved - margin
     sigma = 1.4826 * float(np.median(np.abs(change - np.median(change))))
     near = margin < 3 * sigma

@@ -16,6 +16,13 @@ from edgetl.runtime.model import TensorSpec
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 
 
+def op_names() -> dict[int, str]:
+    """TFLite's builtin operator codes -> names (``CONV_2D``), from LiteRT's schema module."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
 @dataclass
 class TFLiteFacts:
     input: TensorSpec
@@ -118,7 +125,7 @@ def size_breakdown(path: str) -> dict[str, int]:
     data = open(path, "rb").read()
     model = schema.Model.GetRootAs(data, 0)
     graph = model.Subgraphs(0)
-    codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = op_names()
     weighted = set(WEIGHTED_OPS) | {"FULLY_CONNECTED"}
     slots: dict[int, set[int]] = {1: set(), 2: set()}  # input slot -> buffer indices
     for i in range(graph.OperatorsLength()):
