@@ -146,17 +146,29 @@ def cut_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def thread_counts(text: str) -> list[int]:
+    """``"1,2"`` -> [1, 2]; argparse turns the ValueError of anything else into a usage error."""
+    counts = [int(t) for t in text.split(",")]
+    if not counts or min(counts) < 1:
+        raise ValueError(text)
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--cut", nargs="+", default=None, help="exported .tflite models to time front-cut")
-    parser.add_argument("--cut-threads", default="1,2", help="thread counts for --cut")
+    parser.add_argument("--cut-threads", type=thread_counts, default=[1, 2], help="thread counts for --cut [1,2]")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.cut:
-        args.threads_list = [int(t) for t in args.cut_threads.split(",")]
+        missing = [path for path in args.cut if not Path(path).is_file()]
+        if missing:
+            print(f"op_latency: error: no model at {', '.join(missing)}", file=sys.stderr)
+            return 2
+        args.threads_list = args.cut_threads
         return cut_report(args)
 
     rows = []
