@@ -128,12 +128,17 @@ def quantize(
     return model
 
 
-def correct_bias(model: bytes, float_model: str, calibration: Path) -> tuple[bytes, dict]:
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def correct_bias(model: bytes, float_model: str, calibration: Path, mode: str = "int8") -> tuple[bytes, dict]:
     """Bias-correct a quantised model (see :mod:`edgetl.bias_correction`): every layer's expected
-    weight-rounding error, then the output layer's remaining mean error; unchanged where it cannot be."""
+    weight-rounding error; then, for an int8 model, every layer's remaining mean error in execution
+    order (XNNPACK runs it), for an int16x8 model the output layer's; unchanged where it cannot be."""
     import numpy as np
 
-    from edgetl.bias_correction import NotCorrectable, correct, correct_output
+    from edgetl.bias_correction import NotCorrectable, correct, correct_output, correct_sequential
 
     images = np.load(calibration)
     try:
@@ -141,11 +146,15 @@ def correct_bias(model: bytes, float_model: str, calibration: Path) -> tuple[byt
     except NotCorrectable as exc:
         print(f"bias correction skipped: {exc}", file=sys.stderr, flush=True)
         return model, {"skipped": str(exc)}
+    key = "sequential" if mode == "int8" else "output_layer"
     try:
-        model, summary["output_layer"] = correct_output(model, float_model, images)
+        if mode == "int8":
+            model, summary[key] = correct_sequential(model, float_model, images, threads=_cores())
+        else:
+            model, summary[key] = correct_output(model, float_model, images)
     except NotCorrectable as exc:
-        print(f"output-layer bias correction skipped: {exc}", file=sys.stderr, flush=True)
-        summary["output_layer"] = {"skipped": str(exc)}
+        print(f"{key.replace('_', ' ')} bias correction skipped: {exc}", file=sys.stderr, flush=True)
+        summary[key] = {"skipped": str(exc)}
     return model, summary
 
 
@@ -180,7 +189,7 @@ def write_model(path: Path, model: bytes) -> None:
 def main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     workdir = Path(job["workdir"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     helper = None
     if job.get("int8") and job.get("calibration_workers", 2 if cores > 1 else 1) > 1:
         from edgetl.tflite_calibrate import Helper
@@ -224,7 +233,7 @@ def _convert(job: dict[str, Any], workdir: Path, helper: Any) -> int:
                     if not int8_float_model.is_file():
                         int8_float_model.write_bytes(make_int8_converter().convert())
                     float_model = str(int8_float_model)
-                model, corrections[mode] = correct_bias(model, float_model, Path(job["calibration"]))
+                model, corrections[mode] = correct_bias(model, float_model, Path(job["calibration"]), mode)
                 timings[f"{mode}_bias_correction_s"] = time.perf_counter() - t0
             write_model(workdir / job.get("output", f"model_{mode}.tflite"), model)
     if job.get("diagnose"):

@@ -171,3 +171,65 @@ def test_output_correction_refuses_an_output_behind_an_activation(tmp_path):
     converter.representative_dataset = lambda: ([image[None]] for image in images)
     with pytest.raises(NotCorrectable, match="fused activation"):
         correct_output(converter.convert(), str(path), images)
+
+
+def test_sequential_correction_leaves_no_layer_shifted(tiny_models):
+    """Each layer is measured with the layers before it already corrected: correcting both layers from
+    one measurement of the uncorrected model would remove the first layer's shift twice from the second
+    (once at the first layer, once inherited), and leave the second shifted the other way."""
+    from edgetl.bias_correction import correct_sequential, layer_shifts
+
+    float_path, int8_model, images = tiny_models
+    before = layer_shifts(int8_model, float_path, images[32:])  # held out from the correction
+    corrected, summary = correct_sequential(int8_model, float_path, images[:32])
+    after = layer_shifts(corrected, float_path, images[32:])
+    assert summary["layers"] == 2 and summary["images"] == 32
+    assert min(before) > 3, before  # both layers shifted: the first's own, the second's mostly inherited
+    assert max(after) < 1, after
+
+
+def test_sequential_correction_refuses_models_that_do_not_pair(tiny_models, tmp_path):
+    from edgetl.bias_correction import NotCorrectable, correct_sequential
+
+    float_path, int8_model, images = tiny_models
+    with pytest.raises(NotCorrectable):
+        correct_sequential(int8_model, _other_model(tmp_path), images)
+
+
+def test_correcting_a_layer_leaves_a_layer_that_shared_its_bias_buffer_alone(tmp_path):
+    """The converter stores equal constants once: two all-zero biases share a buffer. The first layer's
+    weights are exact in int8 (nothing to correct); the second's are not."""
+    tf = pytest.importorskip("tensorflow", reason="needs the export extra")
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from edgetl.bias_correction import _buffer, _weighted_ops, correct
+
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((8, 8, 2), batch_size=1)
+    x = tf.keras.layers.Conv2D(4, 1)(inputs)
+    model = tf.keras.Model(inputs, tf.keras.layers.DepthwiseConv2D(3, padding="same")(x))
+    kernel = np.zeros((1, 1, 2, 4), np.float32)
+    kernel[0, 0, 0] = [1.0, 2.0, 3.0, 4.0]  # one weight per output channel: exactly 127 steps
+    model.layers[1].set_weights([kernel, np.zeros(4, np.float32)])
+    images = np.random.default_rng(0).normal(4.0, 1.0, (16, 8, 8, 2)).astype(np.float32)
+    path = tmp_path / "float.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None]] for image in images)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+
+    def biases(content):
+        tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+        graph = tree.subgraphs[0]
+        ops = [op for _, op in _weighted_ops(tree)]
+        return [graph.tensors[op.inputs[2]].buffer for op in ops], [
+            _buffer(tree, graph.tensors[op.inputs[2]], np.int32) for op in ops]  # fmt: skip
+
+    quantized = converter.convert()
+    shared, _ = biases(quantized)
+    assert shared[0] == shared[1]  # the situation under test
+    corrected, _ = correct(quantized, str(path), images)
+    buffers, values = biases(corrected)
+    assert buffers[0] != buffers[1]
+    assert np.all(values[0] == 0) and np.any(values[1] != 0)
