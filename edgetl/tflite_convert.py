@@ -134,11 +134,12 @@ def _cores() -> int:
 
 def correct_bias(model: bytes, float_model: str, calibration: Path, mode: str = "int8") -> tuple[bytes, dict]:
     """Bias-correct a quantised model (see :mod:`edgetl.bias_correction`): every layer's expected
-    weight-rounding error; then, for an int8 model, every layer's remaining mean error in execution
-    order (XNNPACK runs it), for an int16x8 model the output layer's; unchanged where it cannot be."""
+    weight-rounding error; then what the activations leave, for an int8 model every layer's in execution
+    order or the output layer's, whichever does best on held-out calibration images, for an int16x8
+    model (XNNPACK cannot run it) the output layer's. Unchanged where it cannot be corrected."""
     import numpy as np
 
-    from edgetl.bias_correction import NotCorrectable, correct, correct_output, correct_sequential
+    from edgetl.bias_correction import NotCorrectable, correct, correct_activations, correct_output
 
     images = np.load(calibration)
     try:
@@ -146,10 +147,10 @@ def correct_bias(model: bytes, float_model: str, calibration: Path, mode: str = 
     except NotCorrectable as exc:
         print(f"bias correction skipped: {exc}", file=sys.stderr, flush=True)
         return model, {"skipped": str(exc)}
-    key = "sequential" if mode == "int8" else "output_layer"
+    key = "activations" if mode == "int8" else "output_layer"
     try:
         if mode == "int8":
-            model, summary[key] = correct_sequential(model, float_model, images, threads=_cores())
+            model, summary[key] = correct_activations(model, float_model, images, threads=_cores())
         else:
             model, summary[key] = correct_output(model, float_model, images)
     except NotCorrectable as exc:

@@ -233,3 +233,40 @@ def test_correcting_a_layer_leaves_a_layer_that_shared_its_bias_buffer_alone(tmp
     buffers, values = biases(corrected)
     assert buffers[0] != buffers[1]
     assert np.all(values[0] == 0) and np.any(values[1] != 0)
+
+
+def test_activation_correction_keeps_the_candidate_best_on_held_out_images(tiny_models):
+    from edgetl.bias_correction import correct_activations, outputs
+
+    float_path, int8_model, images = tiny_models
+    corrected, summary = correct_activations(int8_model, float_path, images, count=16, held_out_count=24)
+    assert summary["fit_images"] == 16 and summary["held_out_images"] == 24
+    scores = summary["held_out_sqnr_db"]
+    assert set(scores) == {"uncorrected", "output_layer", "sequential"}
+    assert scores[summary["kept"]] == max(scores.values())
+    assert scores["sequential"] > scores["uncorrected"] + 3  # this model's shift is large: correcting it pays
+    reference = outputs(float_path, images)
+    error = lambda model: np.mean((outputs(model, images) - reference) ** 2)  # noqa: E731
+    assert error(corrected) < error(int8_model) / 2
+
+
+def test_activation_correction_without_an_output_correction(tmp_path):
+    """A model whose output comes through an activation cannot have its output layer corrected alone;
+    the other candidates are still weighed."""
+    tf = pytest.importorskip("tensorflow", reason="needs the export extra")
+    from edgetl.bias_correction import correct_activations
+
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((4, 4, 3), batch_size=1)
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(4, activation="relu")(tf.keras.layers.Flatten()(inputs)))
+    kernel, _ = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel, np.full(4, 0.5, np.float32)])  # a zero bias would be left out
+    images = np.random.default_rng(0).normal(size=(16, 4, 4, 3)).astype(np.float32)
+    path = tmp_path / "float.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None]] for image in images)
+    _, summary = correct_activations(converter.convert(), str(path), images)
+    assert "fused activation" in summary["output_layer"]["skipped"]
+    assert set(summary["held_out_sqnr_db"]) == {"uncorrected", "sequential"}

@@ -123,8 +123,12 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
                    if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))  # fmt: skip
     assert stage["bias_correction"]["layers"] == weighted > 0
     assert stage["bias_correction"]["images"] > 0
-    sequential = stage["bias_correction"]["sequential"]  # every layer's remaining mean error, in order
-    assert sequential["layers"] == weighted and sequential["images"] > 0
+    activations = stage["bias_correction"]["activations"]  # what rounding the activations left
+    assert activations["sequential"]["layers"] == weighted and activations["sequential"]["images"] > 0
+    assert activations["output_layer"]["op"] == "FULLY_CONNECTED" and activations["held_out_images"] > 0
+    scores = activations["held_out_sqnr_db"]
+    assert set(scores) == {"uncorrected", "output_layer", "sequential"}
+    assert scores[activations["kept"]] == max(scores.values())
     split = stage["int8_calibration_split"]  # half of the images calibrated by a second process (2+ cores)
     expected_helper = split["images"] - split["images"] // 2 if len(os.sched_getaffinity(0)) > 1 else 0
     assert split["images"] > 1 and split["helper_images"] == expected_helper and "helper_failed" not in split
