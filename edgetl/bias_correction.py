@@ -386,8 +386,8 @@ def correct_activations(quantized: bytes, float_model_path: str, images: np.ndar
     the float model on up to ``held_out_count`` calibration images not used to fit them. The
     sequential correction corrects layers with fused ReLU6s on their clipped outputs, an approximation
     that usually helps and sometimes does not: over five calibration seeds of a whole-backbone
-    sign-language fine-tune it cost one export 2.2 dB of logit SQNR and gained up to 0.6 dB on the
-    others (benchmarks/calib_seed_bench.py, run before this choice existed).
+    sign-language fine-tune it cost one export 2.2 dB of logit SQNR and moved the others by -0.2 to
+    +0.6 dB (benchmarks/calib_seed_bench.py at commit 558c543, before this choice existed).
     """
     names = ("uncorrected", "output_layer", "sequential")
     if len(images) < 2:
