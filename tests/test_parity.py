@@ -112,3 +112,17 @@ def test_next_steps_suggest_retraining_only_for_near_ties(monkeypatch, config, o
     steps = parity.next_steps("runs/x/", int8)
     assert (steps[0] == parity.RETRAIN_NEXT_STEP) is retrain_first
     assert steps[-1] == parity.QAT_NEXT_STEP.format(run="runs/x") and len(steps) == 1 + retrain_first
+
+
+@pytest.mark.parametrize("flipped, passes", [(1, True), (2, False)])
+def test_losing_exactly_the_allowed_drop_passes(flipped, passes):
+    """1 image of 100 is exactly 1.0 point: the default limit allows it (as a float difference of
+    means, 100 * (0.99 - 1.0) is -1.0000000000000009 and failed it)."""
+    labels = np.arange(100) % 2
+    reference = np.eye(2)[labels] * 3.0
+    logits = reference.copy()
+    logits[:flipped] = logits[:flipped, ::-1]
+    metrics = compare(reference, logits, labels, ["a", "b"])
+    assert metrics["delta_top1_pp"] == -float(flipped)
+    assert Thresholds(max_drop=float(flipped), min_agreement=0.0).passes(metrics)
+    assert Thresholds(max_drop=1.0, min_agreement=0.98).passes(metrics) is passes
