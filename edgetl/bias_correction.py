@@ -48,6 +48,22 @@ def _weighted_ops(model: Any) -> list[tuple[str, Any]]:
     return ops
 
 
+def _has_bias(op: Any) -> bool:
+    return len(op.inputs) > 2 and op.inputs[2] >= 0
+
+
+def _paired(quantized: bytes, float_model_path: str) -> tuple[Any, Any, list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The quantised and the float model as objects, and their weighted ops, which must pair by order."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    qmodel = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
+    fmodel = flatbuffer_utils.read_model(float_model_path)
+    qops, fops = _weighted_ops(qmodel), _weighted_ops(fmodel)
+    if [k for k, _ in qops] != [k for k, _ in fops]:
+        raise NotCorrectable("the float and quantised models have different weighted ops")
+    return qmodel, fmodel, qops, fops
+
+
 def _buffer(model: Any, tensor: Any, dtype: np.dtype) -> np.ndarray:
     data = model.buffers[tensor.buffer].data
     if data is None:
@@ -61,12 +77,16 @@ def _subtract_from_bias(model: Any, op: Any, kind: str, error: np.ndarray) -> No
     dtype = {2: np.int32, 4: np.int64}.get(bias.type)  # TensorType INT32 = 2, INT64 = 4
     if dtype is None:
         raise NotCorrectable(f"unexpected bias type {bias.type} in {kind}")
-    values = _buffer(model, bias, dtype).astype(np.int64)
-    step = np.asarray(bias.quantization.scale, np.float64)
-    values = values - np.round(error / step).astype(np.int64)
-    info = np.iinfo(dtype)
-    clipped = np.clip(values, info.min, info.max).astype(dtype)
-    model.buffers[bias.buffer].data = np.frombuffer(clipped.tobytes(), np.uint8)
+    shifted = _shifted(_buffer(model, bias, dtype), error, bias.quantization.scale)
+    model.buffers[bias.buffer].data = np.frombuffer(shifted.tobytes(), np.uint8)
+
+
+def _shifted(values: np.ndarray, error: np.ndarray, step: Any) -> np.ndarray:
+    """Quantised bias ``values`` (step ``step`` per channel) minus ``error`` in real units, rounded to
+    the step and clipped to the values' integer type."""
+    info = np.iinfo(values.dtype)
+    shifted = values.astype(np.int64) - np.round(error / np.asarray(step, np.float64)).astype(np.int64)
+    return np.clip(shifted, info.min, info.max).astype(values.dtype)
 
 
 def _padding(size: int, kernel: int, stride: int, dilation: int, same: bool) -> tuple[int, int]:
@@ -123,9 +143,7 @@ def mean_inputs(float_model_path: str, indices: list[int], images: np.ndarray, c
     """Per-pixel mean over ``images`` of the float model's tensors ``indices`` (the weighted ops' inputs)."""
     from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model(float_model_path)
-    content = bytes(_probe_model(model, indices))
-    return _tensor_means(content, indices, images[:count], threads=1, per_channel=False)
+    return _model_means(flatbuffer_utils.read_model(float_model_path), indices, images[:count], per_channel=False)
 
 
 def correct(quantized: bytes, float_model_path: str, images: np.ndarray, count: int = 128) -> tuple[bytes, dict]:
@@ -137,20 +155,16 @@ def correct(quantized: bytes, float_model_path: str, images: np.ndarray, count: 
     """
     from tensorflow.lite.tools import flatbuffer_utils
 
-    qmodel = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
-    fmodel = flatbuffer_utils.read_model(float_model_path)
-    qops, fops = _weighted_ops(qmodel), _weighted_ops(fmodel)
-    if [k for k, _ in qops] != [k for k, _ in fops]:
-        raise NotCorrectable("the float and quantised models have different weighted ops")
+    qmodel, fmodel, qops, fops = _paired(quantized, float_model_path)
     qgraph, fgraph = qmodel.subgraphs[0], fmodel.subgraphs[0]
-    _unshare_bias_buffers(qmodel, [(k, op) for k, op in qops if len(op.inputs) > 2 and op.inputs[2] >= 0])
+    _unshare_bias_buffers(qmodel)
     means = mean_inputs(float_model_path, [op.inputs[0] for _, op in fops], images, count)
     largest, corrected = 0.0, 0
     for (kind, qop), (_, fop), mean in zip(qops, fops, means, strict=True):
         qw, fw = qgraph.tensors[qop.inputs[1]], fgraph.tensors[fop.inputs[1]]
         if list(qw.shape) != list(fw.shape):
             raise NotCorrectable(f"weight shapes differ: {list(qw.shape)} vs {list(fw.shape)}")
-        if len(qop.inputs) < 3 or qop.inputs[2] < 0:
+        if not _has_bias(qop):
             continue  # no bias tensor to correct (rare; the converter gives convolutions one)
         axis = qw.quantization.quantizedDimension
         shape = [1] * len(qw.shape)
@@ -181,7 +195,8 @@ def outputs(model: bytes | str, images: np.ndarray, threads: int = 1) -> np.ndar
         return np.asarray([classifier.predict(image) for image in images], np.float64)
 
 
-def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, count: int = 128) -> tuple[bytes, dict]:
+def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, count: int = 128,
+                   threads: int = 1) -> tuple[bytes, dict]:  # fmt: skip
     """Empirical bias correction of the output layer: subtract, from the bias of the weighted op that
     produces the model's output, the mean difference between the quantised and the float model's
     outputs over up to ``count`` calibration images.
@@ -210,13 +225,13 @@ def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, 
     if not producers:
         raise NotCorrectable("the model's output is not produced by a convolution or fully connected layer")
     kind, op = producers[0]
-    _unshare_bias_buffers(qmodel, [(k, o) for k, o in _weighted_ops(qmodel) if len(o.inputs) > 2 and o.inputs[2] >= 0])
+    _unshare_bias_buffers(qmodel)
     if getattr(op.builtinOptions, "fusedActivationFunction", 0) != 0:
         raise NotCorrectable(f"the output {kind} has a fused activation")
-    if len(op.inputs) < 3 or op.inputs[2] < 0:
+    if not _has_bias(op):
         raise NotCorrectable(f"the output {kind} has no bias")
     images = images[:count]
-    error = outputs(quantized, images) - outputs(float_model_path, images)
+    error = outputs(quantized, images, threads) - outputs(float_model_path, images, threads)
     error = error.reshape(-1, error.shape[-1]).mean(axis=0)
     _subtract_from_bias(qmodel, op, f"the output {kind}", error)
     out_scale = graph.tensors[op.outputs[0]].quantization.scale[0]
@@ -227,33 +242,33 @@ def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, 
 
 def spread(images: np.ndarray, count: int) -> np.ndarray:
     """Up to ``count`` of ``images``, evenly spaced (a user's folder may be sorted by class or time)."""
-    if len(images) <= count:
-        return images
-    return images[np.linspace(0, len(images) - 1, count).round().astype(int)]
+    return images if len(images) <= count else images[_spread_index(len(images), count)]
+
+
+def _spread_index(total: int, count: int) -> np.ndarray:
+    return np.linspace(0, total - 1, count).round().astype(int)
 
 
 def layer_shifts(quantized: bytes, float_model_path: str, images: np.ndarray, threads: int = 1) -> list[float]:
     """Per weighted layer, in execution order: the largest per-channel mean difference between the
     quantised and the float model's output over ``images``, in units of the layer's output step."""
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    qmodel = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
-    fmodel = flatbuffer_utils.read_model(float_model_path)
-    qouts = [op.outputs[0] for _, op in _weighted_ops(qmodel)]
-    fouts = [op.outputs[0] for _, op in _weighted_ops(fmodel)]
-    qmeans = _tensor_means(bytes(_probe_model(qmodel, qouts)), qouts, images, threads)
-    fmeans = _tensor_means(bytes(_probe_model(fmodel, fouts)), fouts, images, threads)
+    qmodel, fmodel, qops, fops = _paired(quantized, float_model_path)
+    qouts = [op.outputs[0] for _, op in qops]
+    qmeans = _model_means(qmodel, qouts, images, threads)
+    fmeans = _model_means(fmodel, [op.outputs[0] for _, op in fops], images, threads)
     steps = [qmodel.subgraphs[0].tensors[t].quantization.scale[0] for t in qouts]
     return [float(np.abs(q - f).max() / step) for q, f, step in zip(qmeans, fmeans, steps, strict=True)]
 
 
-def _unshare_bias_buffers(model: Any, layers: list[tuple[str, Any]]) -> None:
-    """Give every layer's bias a buffer of its own (the converter stores equal constants once, e.g.
-    two all-zero biases), so that correcting one leaves the other alone."""
+def _unshare_bias_buffers(model: Any) -> None:
+    """Give every weighted layer's bias a buffer of its own (the converter stores equal constants once,
+    e.g. two all-zero biases), so that correcting one leaves the other alone."""
     import copy
 
     seen: set[int] = set()
-    for _, op in layers:
+    for _, op in _weighted_ops(model):
+        if not _has_bias(op):
+            continue
         bias = model.subgraphs[0].tensors[op.inputs[2]]
         if bias.buffer in seen:
             model.buffers.append(copy.deepcopy(model.buffers[bias.buffer]))
@@ -273,6 +288,12 @@ def _probe_model(model: Any, tensors: list[int]) -> bytearray:
         return bytearray(flatbuffer_utils.convert_object_to_bytearray(model))
     finally:
         graph.outputs = original
+
+
+def _model_means(model: Any, tensors: list[int], images: np.ndarray, threads: int = 1,
+                 per_channel: bool = True) -> list[np.ndarray]:  # fmt: skip
+    """:func:`_tensor_means` of ``model`` (an object tree), with ``tensors`` exposed for it."""
+    return _tensor_means(bytes(_probe_model(model, tensors)), tensors, images, threads, per_channel)
 
 
 def _tensor_means(content: bytes, tensors: list[int], images: np.ndarray, threads: int,
@@ -327,21 +348,15 @@ def correct_sequential(quantized: bytes, float_model_path: str, images: np.ndarr
     from ai_edge_litert import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
-    qmodel = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
-    fmodel = flatbuffer_utils.read_model(float_model_path)
-    qops, fops = _weighted_ops(qmodel), _weighted_ops(fmodel)
-    if [k for k, _ in qops] != [k for k, _ in fops]:
-        raise NotCorrectable("the float and quantised models have different weighted ops")
+    qmodel, fmodel, layers, fops = _paired(quantized, float_model_path)
     qgraph = qmodel.subgraphs[0]
-    layers = [(kind, op) for kind, op in qops if len(op.inputs) > 2 and op.inputs[2] >= 0]
-    if len(layers) != len(qops):
+    if not all(_has_bias(op) for _, op in layers):
         raise NotCorrectable("a weighted layer has no bias")
     if len({op.inputs[2] for _, op in layers}) != len(layers):
         raise NotCorrectable("weighted layers share a bias tensor")
-    _unshare_bias_buffers(qmodel, layers)
+    _unshare_bias_buffers(qmodel)
     images = spread(images, count)
-    reference = _tensor_means(bytes(_probe_model(fmodel, [op.outputs[0] for _, op in fops])),
-                               [op.outputs[0] for _, op in fops], images, threads)  # fmt: skip
+    reference = _model_means(fmodel, [op.outputs[0] for _, op in fops], images, threads)
 
     outputs_ = [op.outputs[0] for _, op in layers]
     blob = _probe_model(qmodel, outputs_)
@@ -357,12 +372,12 @@ def correct_sequential(quantized: bytes, float_model_path: str, images: np.ndarr
             raise NotCorrectable(f"bias {bias.name!r} is not stored inside the model")
         start = stored.__array_interface__["data"][0] - raw.__array_interface__["data"][0]
         view = raw[start : start + stored.size].view(np.int32)
-        biases.append((view, np.asarray(bias.quantization.scale, np.float64)))
-    largest, info = 0.0, np.iinfo(np.int32)
+        biases.append((view, bias.quantization.scale))
+    largest = 0.0
     for output, (values, step), target in zip(outputs_, biases, reference, strict=True):
         (mean,) = _tensor_means(bytes(blob), [output], images, threads)  # earlier layers corrected
         error = mean - target
-        values[:] = np.clip(values.astype(np.int64) - np.round(error / step).astype(np.int64), info.min, info.max)
+        values[:] = _shifted(values, error, step)
         largest = max(largest, float(np.abs(error).max() / qgraph.tensors[output].quantization.scale[0]))
     for (_, op), (values, _) in zip(layers, biases, strict=True):
         qmodel.buffers[qgraph.tensors[op.inputs[2]].buffer].data = np.frombuffer(values.tobytes(), np.uint8)
@@ -393,14 +408,13 @@ def correct_activations(quantized: bytes, float_model_path: str, images: np.ndar
     if len(images) < 2:
         raise NotCorrectable("fewer than two calibration images")
     fit_count = min(count, len(images) // 2)
-    fit_index = np.linspace(0, len(images) - 1, fit_count).round().astype(int)
+    fit_index = _spread_index(len(images), fit_count)
     fit, held_out = images[fit_index], spread(np.delete(images, fit_index, axis=0), held_out_count)
     candidates = {"uncorrected": quantized}
     summary: dict[str, Any] = {"fit_images": int(fit_count), "held_out_images": int(len(held_out))}
     for name, method in (("output_layer", correct_output), ("sequential", correct_sequential)):
         try:
-            kwargs = {"threads": threads} if method is correct_sequential else {}
-            candidates[name], summary[name] = method(quantized, float_model_path, fit, count=fit_count, **kwargs)
+            candidates[name], summary[name] = method(quantized, float_model_path, fit, fit_count, threads)
         except NotCorrectable as exc:
             summary[name] = {"skipped": str(exc)}
     reference = outputs(float_model_path, held_out, threads)

@@ -95,15 +95,16 @@ def compare(
     for index, name in enumerate(classes):
         mask = labels == index
         if mask.any():
-            acc = float((pred[mask] == index).mean())
-            change = int((pred[mask] == index).sum()) - int((ref_pred[mask] == index).sum())
-            per_class[name] = {"top1": acc, "delta_pp": 100 * change / int(mask.sum()), "count": int(mask.sum())}
+            hits, ref_hits = int((pred[mask] == index).sum()), int((ref_pred[mask] == index).sum())
+            count = int(mask.sum())
+            per_class[name] = {"top1": hits / count, "delta_pp": 100 * (hits - ref_hits) / count, "count": count}
     worst = sorted(per_class, key=lambda c: per_class[c]["delta_pp"])[:3]
+    hits, ref_hits = int((pred == labels).sum()), int((ref_pred == labels).sum())
     metrics = {
         "count": int(len(labels)),
-        "top1": float((pred == labels).mean()),
+        "top1": hits / len(labels),
         # from counts: 100 * (0.99 - 1.0) is -1.0000000000000009, which would fail a 1.0-point limit
-        "delta_top1_pp": 100 * (int((pred == labels).sum()) - int((ref_pred == labels).sum())) / len(labels),
+        "delta_top1_pp": 100 * (hits - ref_hits) / len(labels),
         "agreement": float(agree.mean()),
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),

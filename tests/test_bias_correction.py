@@ -156,21 +156,38 @@ def test_output_correction_quantises_the_input_of_an_int16x8_model(tiny_models):
     assert shift(after) <= shift(before)
 
 
-def test_output_correction_refuses_an_output_behind_an_activation(tmp_path):
-    tf = pytest.importorskip("tensorflow", reason="needs the export extra")
-    from edgetl.bias_correction import NotCorrectable, correct_output
-
-    inputs = tf.keras.Input((4, 4, 3), batch_size=1)
-    outputs = tf.keras.layers.Dense(4, activation="relu")(tf.keras.layers.Flatten()(inputs))
-    model = tf.keras.Model(inputs, outputs)
-    images = np.random.default_rng(0).normal(size=(8, 4, 4, 3)).astype(np.float32)
-    path = tmp_path / "float.tflite"
+def _float_and_int8(tf, model, images, path, int8_ops: bool = False) -> bytes:
+    """Write ``model`` as a float32 TFLite file at ``path``; return it quantised, calibrated on ``images``
+    (with ``int8_ops``, every op int8)."""
     path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([image[None]] for image in images)
+    if int8_ops:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def _output_behind_an_activation(tmp_path):
+    """A Dense + ReLU model (its bias non-zero: the converter leaves a zero bias out) as float32 (a
+    path) and int8 (bytes), and its calibration images."""
+    tf = pytest.importorskip("tensorflow", reason="needs the export extra")
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((4, 4, 3), batch_size=1)
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(4, activation="relu")(tf.keras.layers.Flatten()(inputs)))
+    kernel, _ = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel, np.full(4, 0.5, np.float32)])
+    images = np.random.default_rng(0).normal(size=(16, 4, 4, 3)).astype(np.float32)
+    path = tmp_path / "float.tflite"
+    return str(path), _float_and_int8(tf, model, images, path), images
+
+
+def test_output_correction_refuses_an_output_behind_an_activation(tmp_path):
+    from edgetl.bias_correction import NotCorrectable, correct_output
+
+    float_path, int8_model, images = _output_behind_an_activation(tmp_path)
     with pytest.raises(NotCorrectable, match="fused activation"):
-        correct_output(converter.convert(), str(path), images)
+        correct_output(int8_model, float_path, images)
 
 
 def test_sequential_correction_leaves_no_layer_shifted(tiny_models):
@@ -213,11 +230,7 @@ def test_correcting_a_layer_leaves_a_layer_that_shared_its_bias_buffer_alone(tmp
     model.layers[1].set_weights([kernel, np.zeros(4, np.float32)])
     images = np.random.default_rng(0).normal(4.0, 1.0, (16, 8, 8, 2)).astype(np.float32)
     path = tmp_path / "float.tflite"
-    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([image[None]] for image in images)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    quantized = _float_and_int8(tf, model, images, path, int8_ops=True)
 
     def biases(content):
         tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
@@ -226,7 +239,6 @@ def test_correcting_a_layer_leaves_a_layer_that_shared_its_bias_buffer_alone(tmp
         return [graph.tensors[op.inputs[2]].buffer for op in ops], [
             _buffer(tree, graph.tensors[op.inputs[2]], np.int32) for op in ops]  # fmt: skip
 
-    quantized = converter.convert()
     shared, _ = biases(quantized)
     assert shared[0] == shared[1]  # the situation under test
     corrected, _ = correct(quantized, str(path), images)
@@ -253,20 +265,9 @@ def test_activation_correction_keeps_the_candidate_best_on_held_out_images(tiny_
 def test_activation_correction_without_an_output_correction(tmp_path):
     """A model whose output comes through an activation cannot have its output layer corrected alone;
     the other candidates are still weighed."""
-    tf = pytest.importorskip("tensorflow", reason="needs the export extra")
     from edgetl.bias_correction import correct_activations
 
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((4, 4, 3), batch_size=1)
-    model = tf.keras.Model(inputs, tf.keras.layers.Dense(4, activation="relu")(tf.keras.layers.Flatten()(inputs)))
-    kernel, _ = model.layers[-1].get_weights()
-    model.layers[-1].set_weights([kernel, np.full(4, 0.5, np.float32)])  # a zero bias would be left out
-    images = np.random.default_rng(0).normal(size=(16, 4, 4, 3)).astype(np.float32)
-    path = tmp_path / "float.tflite"
-    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([image[None]] for image in images)
-    _, summary = correct_activations(converter.convert(), str(path), images)
+    float_path, int8_model, images = _output_behind_an_activation(tmp_path)
+    _, summary = correct_activations(int8_model, float_path, images)
     assert "fused activation" in summary["output_layer"]["skipped"]
     assert set(summary["held_out_sqnr_db"]) == {"uncorrected", "sequential"}
