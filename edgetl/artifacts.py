@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl import __version__
-from edgetl.errors import RunDirError
+from edgetl.errors import RunDirError, RunLocked
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -51,6 +51,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+LOCK_NAME = ".edgetl.lock"
+_held_locks: dict[Path, int] = {}  # folders this process holds the lock of, and how deeply
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) while a command writes into it.
+
+    A second edgetl process that wants the same folder is refused at once instead of interleaving
+    its writes (two exports of one run would corrupt each other's log and work folder). The lock is
+    an ``flock`` on ``folder/.edgetl.lock``: the kernel drops it when the holder exits, even by
+    SIGKILL, so a crashed run never leaves a stale lock behind. Inside the lock, temporary files that
+    a killed writer left (``.NAME.*.tmp``) are removed: nobody else can be writing them.
+
+    Raises:
+        RunLocked: another process holds the lock (its command and pid are named).
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if key in _held_locks:  # this process holds it already (export -> check): re-entrant
+        _held_locks[key] += 1
+        try:
+            yield folder
+        finally:
+            _held_locks[key] -= 1
+        return
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            hint = "wait for it to finish; two commands never write one folder at once"
+            raise RunLocked(f"{folder} is in use by {holder}", hint=hint) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"edgetl {command} (pid {os.getpid()})\n".encode(), 0)
+        sweep_temporaries(folder)
+        _held_locks[key] = 1
+        try:
+            yield folder
+        finally:
+            del _held_locks[key]
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove what :func:`atomic_path` leaves when its process is killed (``.NAME.XXXX.tmp``), in
+    ``folder`` and the folders below it. Only call it while holding :func:`run_lock`."""
+    removed = []
+    for path in Path(folder).rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from edgetl.artifacts import sha256_file
 from edgetl.config import check_keys
 from edgetl.data import IMAGE_EXTENSIONS, DatasetSplits, Sample, load_split
-from edgetl.errors import ConfigError, DataError
+from edgetl.errors import ConfigError, DataError, first_line
 from edgetl.runtime.preprocess import PreprocessSpec
 
 
@@ -78,8 +78,8 @@ def load_recipe(name_or_path: str) -> CalibRecipe:
         )
     try:
         values = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read calibration recipe {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read calibration recipe {path}: {first_line(exc)}") from None
     valid = {f.name for f in fields(CalibRecipe)} - {"name"}
     check_keys(values, valid, f"calibration recipe {path}")
     for key, value in values.items():
@@ -149,16 +149,33 @@ def calibration_set(
         description = {"source": "recipe", "recipe": recipe.to_dict()}
 
     hashes = _content_hashes([s.path for s in samples])
-    if guard_paths:
-        guarded = {digest: path for path, digest in _content_hashes(guard_paths).items()}
-        leaked = [(path, guarded[d]) for path, d in hashes.items() if d in guarded]
-        if leaked:
-            first, twin = leaked[0]
-            raise DataError(
-                f"{len(leaked)} calibration image(s) are also in the parity set, e.g. {first} = {twin}",
-                hint="calibrate on images that parity does not measure (remove the duplicates)",
-            )
     loaded = load_split(samples, spec.resize_size, spec, eval_crop=True)
+    if guard_paths:
+        _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guard_paths)
     digest = hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest()
     description.update({"count": len(loaded.paths), "sha256": digest})
     return CalibrationSet(images=loaded.images, paths=loaded.paths, sha256=digest, description=description)
+
+
+def _refuse_leakage(calibration: dict[str, str], guard_paths: list[str]) -> None:
+    """Refuse calibration images whose decoded pixels equal a guarded image's (a copy, a rename or a
+    lossless re-encode of a validation image is the same image; comparing file bytes misses the last)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgetl.data import decode_image, pixel_digest
+
+    def digest(path: str) -> str | None:
+        try:
+            return pixel_digest(decode_image(path))
+        except ValueError:  # unreadable: parity skips it too
+            return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        guarded = {d: p for p, d in zip(guard_paths, pool.map(digest, guard_paths), strict=True) if d}
+    leaked = [(path, guarded[d]) for d, path in calibration.items() if d in guarded]
+    if leaked:
+        first, twin = leaked[0]
+        raise DataError(
+            f"{len(leaked)} calibration image(s) are also in the parity set (same pixels), e.g. {first} = {twin}",
+            hint="calibrate on images that parity does not measure (remove the duplicates)",
+        )

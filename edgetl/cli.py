@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -24,21 +25,85 @@ log = logging.getLogger("edgetl")
 WEIGHTS_ENV = "EDGETL_WEIGHTS"
 
 
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a folder name, say) shown escaped: an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class EdgetlGroup(click.Group):
-    """Click group that turns library errors into one line and an exit code."""
+    """Click group that turns every failure into one ``edgetl: error:`` line and an exit code.
+
+    Library errors (:class:`EdgetlError`) carry their own code; usage errors exit 2; an OS error (a
+    read-only folder, a full disk) exits 1 with the path; anything unexpected exits 1 and asks for
+    ``--traceback``. With ``--json`` the command also prints ``{"error": {...}}`` on stdout, so a
+    script that parses stdout always gets one object.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        self._wants_json = "--json" in argv
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:  # bad options, missing arguments, unknown commands
+            hint = "see --help" if isinstance(exc, click.UsageError) else None
+            code = self._fail(exc.format_message(), hint, exc.exit_code)
+        except click.Abort:  # Ctrl-C while click itself was reading input
+            code = self._fail("interrupted", None, int(ExitCode.INTERRUPTED))
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
         except EdgetlError as exc:
-            if (ctx.obj or {}).get("traceback"):
-                raise
-            hint = f" (hint: {exc.hint})" if exc.hint else ""
-            click.echo(f"edgetl: error: {exc.message}{hint}", err=True)
-            ctx.exit(int(exc.exit_code))
+            self._reraise_if_asked(ctx)
+            ctx.exit(self._fail(exc.message, exc.hint, int(exc.exit_code)))
         except KeyboardInterrupt:
-            click.echo("edgetl: interrupted", err=True)
-            ctx.exit(int(ExitCode.INTERRUPTED))
+            ctx.exit(self._fail("interrupted", None, int(ExitCode.INTERRUPTED)))
+        except OSError as exc:  # a read-only or full disk, a folder that vanished: say which path
+            from edgetl.errors import os_error_message
+
+            self._reraise_if_asked(ctx)
+            ctx.exit(self._fail(os_error_message(exc), None, int(ExitCode.ERROR)))
+        except Exception as exc:  # a bug: still one line, and how to see more
+            from edgetl.errors import first_line
+
+            self._reraise_if_asked(ctx)
+            message = f"internal error: {type(exc).__name__}: {first_line(exc)}"
+            ctx.exit(self._fail(message, "re-run with --traceback and report it", int(ExitCode.ERROR)))
+
+    @staticmethod
+    def _reraise_if_asked(ctx: click.Context) -> None:
+        if (ctx.obj or {}).get("traceback"):
+            raise
+
+    def _fail(self, message: str, hint: str | None, code: int) -> int:
+        message = _one_line(message)
+        hint_text = f" (hint: {_one_line(hint)})" if hint else ""
+        if getattr(self, "_wants_json", False):
+            error = {"message": message, "hint": hint, "exit_code": code}
+            click.echo(json.dumps({"ok": False, "error": error}, sort_keys=True))
+        click.echo(f"edgetl: error: {message}{hint_text}", err=True)
+        return code
+
+
+class Finite(click.FloatRange):
+    """A float option that must be a finite number (``inf`` and ``nan`` are usage errors), in range."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+POSITIVE = Finite(min=0, min_open=True)
+NON_NEGATIVE = Finite(min=0)
+FRACTION = Finite(min=0, max=1)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -67,7 +132,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool, traceback: bool) -> None
 
     \b
     Exit codes: 0 ok, 1 error, 2 usage, 3 parity failed, 4 constraint violated,
-    5 missing dependency, 130 interrupted.
+    5 missing dependency, 6 bundle verification failed, 7 accelerator left ops on the CPU,
+    130 interrupted.
     """
     ctx.obj = {"traceback": traceback}
     _setup_logging(verbose, quiet)
@@ -107,22 +173,22 @@ def _finetune_summary(result: Any) -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
 @click.option("--weights", default=None,
               help=f"imagenet | none | PATH to a state_dict. Default: ${WEIGHTS_ENV}, else imagenet.")
-@click.option("--width", type=float, default=None, help="MobileNetV2 width multiplier [1.0].")
+@click.option("--width", type=POSITIVE, default=None, help="MobileNetV2 width multiplier [1.0].")
 @click.option("--image-size", type=int, default=None, help="Square input side in pixels [224].")
 @click.option("--head-epochs", type=int, default=None, help="Phase 1 epochs, backbone frozen [5].")
 @click.option("--finetune-epochs", type=int, default=None, help="Phase 2 epochs, unfrozen [10].")
 @click.option("--unfreeze-from", type=int, default=None,
               help="First `features` block trained in phase 2 [last third]; 0 = all.")
-@click.option("--lr", type=float, default=None, help="Head learning rate in phase 1 [1e-3].")
-@click.option("--finetune-lr", type=float, default=None, help="Head LR in phase 2 [lr/10].")
-@click.option("--backbone-lr-mult", type=float, default=None, help="Backbone LR = head LR x this [0.1].")
+@click.option("--lr", type=POSITIVE, default=None, help="Head learning rate in phase 1 [1e-3].")
+@click.option("--finetune-lr", type=POSITIVE, default=None, help="Head LR in phase 2 [lr/10].")
+@click.option("--backbone-lr-mult", type=POSITIVE, default=None, help="Backbone LR = head LR x this [0.1].")
 @click.option("--bn", type=click.Choice(["frozen", "train"]), default=None,
               help="BatchNorm statistics in phase 2 [frozen].")
 @click.option("--patience", type=int, default=None, help="Early-stopping patience, phase 2 [3].")
 @click.option("--batch-size", type=int, default=None, help="Batch size [32].")
-@click.option("--label-smoothing", type=float, default=None, help="Label smoothing [0.1].")
+@click.option("--label-smoothing", type=Finite(), default=None, help="Label smoothing [0.1].")
 @click.option("--flip/--no-flip", default=None, help="Random horizontal flips [on].")
-@click.option("--val-fraction", type=float, default=None, help="Held out when there is no val/ [0.2].")
+@click.option("--val-fraction", type=Finite(), default=None, help="Held out when there is no val/ [0.2].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA only) [off].")
@@ -218,8 +284,8 @@ def _parity_lines(report: Any) -> list[str]:
               help="Calibrate on your own folder of representative images instead.")
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="Check parity on this folder (DATA/<class>/...) instead of the run's val split.")
-@click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points [1.0].")
-@click.option("--min-agreement", type=float, default=None, help="Required top-1 agreement [0.98].")
+@click.option("--max-drop", type=NON_NEGATIVE, default=None, help="Allowed top-1 drop in points [1.0].")
+@click.option("--min-agreement", type=FRACTION, default=None, help="Required top-1 agreement [0.98].")
 @click.option("--no-remedies", is_flag=True, help="Do not diagnose or try remedies when int8 fails.")
 @click.option("--bias-correction/--no-bias-correction", default=None,
               help="Correct each int8 layer's weight-rounding shift [the recipe's setting: on].")
@@ -286,12 +352,12 @@ def _thresholds(max_drop: float | None, min_agreement: float | None) -> Any:
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="The new run directory.")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Epochs with simulated int8.")
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="AdamW learning rate (cosine to 0).")
+@click.option("--lr", type=POSITIVE, default=1e-5, show_default=True, help="AdamW learning rate (cosine to 0).")
 @click.option("--calib", default="default", show_default=True,
               help="Calibration recipe for the simulated activation ranges (use the export's).")
-@click.option("--consistency", type=float, default=0.0, show_default=True,
+@click.option("--consistency", type=NON_NEGATIVE, default=0.0, show_default=True,
               help="Weight of the int8-vs-float agreement (KL) term in the loss; 0 = labels only.")
-@click.option("--distill", type=float, default=4.0, show_default=True,
+@click.option("--distill", type=NON_NEGATIVE, default=4.0, show_default=True,
               help="Weight of the distillation term (KL from the original model's predictions, T=2).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, consistency: float,
@@ -322,8 +388,8 @@ def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, 
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="Evaluate on this folder (DATA/<class>/...) instead of the run's val split.")
-@click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points [1.0].")
-@click.option("--min-agreement", type=float, default=None, help="Required top-1 agreement [0.98].")
+@click.option("--max-drop", type=NON_NEGATIVE, default=None, help="Allowed top-1 drop in points [1.0].")
+@click.option("--min-agreement", type=FRACTION, default=None, help="Required top-1 agreement [0.98].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def check_command(run_dir: str, data: str | None, max_drop: float | None, min_agreement: float | None,
                   as_json: bool) -> None:
@@ -334,7 +400,8 @@ def check_command(run_dir: str, data: str | None, max_drop: float | None, min_ag
 
     report = check(run_dir, _thresholds(max_drop, min_agreement), data)
     float_top1 = 100 * report.float_metrics["top1"]
-    text = [f"parity on {report.data['count']} images ({report.data['source']}); float top-1 {float_top1:.2f}%",
+    text = [f"parity on {report.data['count']} images ({report.data['source']}, sha256 {report.data['sha256'][:12]}); "
+            f"float top-1 {float_top1:.2f}%",
             *_parity_lines(report), f"report: {run_dir}/parity.md"]  # fmt: skip
     _emit(as_json, report.to_dict(), "\n".join(text))
     if not report.passed:
@@ -396,6 +463,9 @@ def targets_stamp(name: str, stage: str) -> None:
 @click.option("--target", required=True, help="Target name or .toml path.")
 @click.option("--out", type=click.Path(path_type=str), default=None, help="Output folder [RUN_DIR/bundles].")
 @click.option("--force", is_flag=True, help="Package even if parity failed (recorded in the manifest).")
+@click.option("--accept-weak-parity", is_flag=True,
+              help="Ship on a parity verdict from fewer images than the target's min_images, or weaker than the "
+                   "export's own check (recorded in the manifest; the runtime warns).")
 @click.option("--no-compile", is_flag=True,
               help="Accelerator targets: ship the compile-ready model and a script instead of compiling.")
 @click.option("--allow-cpu-ops", is_flag=True, help="Accept ops that the accelerator compiler leaves on the CPU.")
@@ -403,8 +473,8 @@ def targets_stamp(name: str, stage: str) -> None:
               help="MCU targets: run the model with TFLite Micro on validation images (op support, minimum "
                    "arena, outputs vs LiteRT) [on].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def package_command(run_dir: str, target: str, out: str | None, force: bool, no_compile: bool, allow_cpu_ops: bool,
-                    check_tflm: bool, as_json: bool) -> None:  # fmt: skip
+def package_command(run_dir: str, target: str, out: str | None, force: bool, accept_weak_parity: bool,
+                    no_compile: bool, allow_cpu_ops: bool, check_tflm: bool, as_json: bool) -> None:  # fmt: skip
     """Bundle RUN_DIR's model for a target: folder + reproducible .tar.gz.
 
     Exit 3 if the shipped artifact failed parity, 4 if it breaks a target constraint, 5 if the
@@ -416,12 +486,15 @@ def package_command(run_dir: str, target: str, out: str | None, force: bool, no_
     from edgetl.targets import load_target
 
     result = package(run_dir, load_target(target), out, force, compile_model=not no_compile,
-                     allow_cpu_ops=allow_cpu_ops, check_tflm=check_tflm)  # fmt: skip
+                     allow_cpu_ops=allow_cpu_ops, check_tflm=check_tflm,
+                     accept_weak_parity=accept_weak_parity)  # fmt: skip
     lines = [f"bundle:  {result.bundle_dir}", f"archive: {result.archive} (sha256 {result.archive_sha256})"]
     lines += [f"  {rel:<32} {entry['size']:>10,} B" for rel, entry in result.files.items()]
     lines += _compile_summary(result.accelerator, result.tflm)
     if result.forced:
         lines.append("WARNING: packaged with --force although parity failed")
+    if result.parity.get("evidence_waived"):
+        lines.append(f"WARNING: packaged on weak parity evidence: {result.parity['evidence_waived']}")
     _emit(as_json, result.to_dict(), "\n".join(lines))
 
 
@@ -468,7 +541,7 @@ def run_command(bundle: str, args: tuple[str, ...]) -> None:
     """Run a bundle on images with the device runtime (same as `python -m edgetl_runtime`)."""
     from edgetl.runtime.app import main as runtime_main
 
-    sys.exit(runtime_main([bundle, *args]))
+    sys.exit(runtime_main([bundle, *args], prog="edgetl"))
 
 
 @main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -478,4 +551,4 @@ def bench_command(bundle: str, args: tuple[str, ...]) -> None:
     """Latency of a bundle or model: invoke and whole frame, per thread count (--threads 1,2,4 --runs N)."""
     from edgetl.runtime.app import main as runtime_main
 
-    sys.exit(runtime_main(["bench", bundle, *args]))
+    sys.exit(runtime_main(["bench", bundle, *args], prog="edgetl"))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.errors import DataError
+from edgetl.errors import DataError, first_line
 from edgetl.runtime.preprocess import PreprocessSpec, center_crop, prepare, resize_shorter
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,17 @@ class DatasetSplits:
 
 
 def _visible_dirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Class folders (hidden ones skipped). A name with a control character (a newline, a tab, an
+    escape, a Unicode line separator) is refused: a class name becomes a line of labels.txt and a C
+    string in firmware headers, where it would split into two labels or change the class count."""
+    import unicodedata
+
+    found = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in found:
+        if any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in folder.name):
+            raise DataError(f"class folder name {folder.name!r} in {path} contains a control character",
+                            hint="rename the folder: class names become lines of labels.txt")  # fmt: skip
+    return found
 
 
 def _image_files(class_dir: Path) -> list[Path]:
@@ -208,8 +218,7 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
                 image = image.convert("RGBA")
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise ValueError(reason.splitlines()[0]) from None
+        raise ValueError(first_line(exc)) from None
 
 
 @dataclass
@@ -219,6 +228,15 @@ class LoadedSplit:
     images: np.ndarray  # uint8 [N, S, S, 3]
     labels: np.ndarray  # int64 [N]
     paths: list[str]
+    digests: list[str] = field(default_factory=list)  # pixel_digest of each decoded image
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """Identity of an image's content: a hash of its decoded pixels (and shape), so a file re-encoded
+    losslessly, renamed or re-saved with other metadata is still the same image."""
+    digest = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
 
 
 def load_split(
@@ -248,16 +266,16 @@ def load_split(
         DataError: no sample could be decoded.
     """
 
-    def load(sample: Sample) -> np.ndarray | str:
+    def load(sample: Sample) -> tuple[np.ndarray, str] | str:
         try:
             image = decode_image(sample.path)
         except ValueError as exc:
             return str(exc)
         if eval_crop:
-            return prepare(image, spec)
-        return center_crop(resize_shorter(image, size, spec.interpolation), size)
+            return prepare(image, spec), pixel_digest(image)
+        return center_crop(resize_shorter(image, size, spec.interpolation), size), pixel_digest(image)
 
-    images, labels, paths = [], [], []
+    images, labels, paths, digests = [], [], [], []
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (sample, result) in enumerate(zip(samples, pool.map(load, samples), strict=True), start=1):
@@ -266,7 +284,8 @@ def load_split(
                 if skipped is not None:
                     skipped.append({"path": str(sample.path), "reason": result})
             else:
-                images.append(result)
+                images.append(result[0])
+                digests.append(result[1])
                 labels.append(sample.label)
                 paths.append(str(sample.path))
             if progress is not None:
@@ -275,4 +294,4 @@ def load_split(
         raise DataError(f"none of the {len(samples)} images could be decoded (see warnings above)")
     side = spec.image_size if eval_crop else size
     array = np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
-    return LoadedSplit(images=array, labels=np.asarray(labels, np.int64), paths=paths)
+    return LoadedSplit(images=array, labels=np.asarray(labels, np.int64), paths=paths, digests=digests)

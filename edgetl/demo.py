@@ -170,11 +170,13 @@ def _classify_with_bundle(bundle_dir: Path, data_dir: Path, per_class: int = 1) 
     import subprocess
     import sys
 
+    from edgetl.subproc import die_with_parent
+
     test_root = data_dir / "test" if (data_dir / "test").is_dir() else data_dir
     images = [sorted(d.glob("*"))[0].resolve() for d in sorted(test_root.iterdir()) if d.is_dir()][: 5 * per_class]
     proc = subprocess.run(
         [sys.executable, "-m", "edgetl_runtime", ".", *map(str, images), "--json", "--top-k", "1"],
-        cwd=bundle_dir, capture_output=True, text=True, check=False,
+        cwd=bundle_dir, capture_output=True, text=True, check=False, preexec_fn=die_with_parent(),
     )  # fmt: skip
     if proc.returncode != 0:
         raise EdgetlError(f"the bundle's runtime failed: {proc.stderr.strip().splitlines()[-1][:300]}")

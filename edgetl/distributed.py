@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from edgetl.subproc import die_with_parent
+
 
 @dataclass(frozen=True)
 class Context:
@@ -99,4 +101,4 @@ def launch(nproc: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "edgetl", *argv]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.run(command, env=env).returncode
+    return subprocess.run(command, env=env, preexec_fn=die_with_parent()).returncode

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import EdgetlError, MissingDependencyError, OpsOnCPU  # noqa: F401 - OpsOnCPU re-exported
+from edgetl.subproc import die_with_parent
 
 COMPILER = "edgetpu_compiler"
 MAPPED = "Mapped to Edge TPU"
@@ -137,7 +138,8 @@ def compile_model(model: Path, workdir: Path, args: tuple[str, ...]) -> tuple[Pa
     exe = shutil.which(COMPILER)
     if exe is None:
         raise MissingDependencyError(f"{COMPILER} is not on PATH", hint=INSTALL_HINT)
-    proc = subprocess.run([exe, *args, "-s", "-o", str(workdir), str(model)], capture_output=True, text=True)
+    proc = subprocess.run([exe, *args, "-s", "-o", str(workdir), str(model)], capture_output=True, text=True,
+                          preexec_fn=die_with_parent())  # fmt: skip
     text = proc.stdout + proc.stderr
     report = parse_log(text)
     compiled = workdir / f"{model.stem}_edgetpu.tflite"

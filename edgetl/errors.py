@@ -75,6 +75,39 @@ class Interrupted(EdgetlError):
     exit_code = ExitCode.INTERRUPTED
 
 
+class RunLocked(EdgetlError):
+    """Another edgetl process is writing the same run or bundle folder."""
+
+
+class TrainingDiverged(EdgetlError):
+    """The loss became non-finite; the last good state is kept."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its first non-empty line, or its type's name when it says nothing."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def os_error_message(exc: OSError) -> str:
+    """``[Errno 28] No space left on device: 'x'`` as ``no space left on device: x`` (one line)."""
+    import errno
+    import os
+
+    reason = exc.strerror or first_line(exc)
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    elif exc.errno == errno.EROFS:
+        reason = "read-only file system"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    where = exc.filename if exc.filename is not None else ""
+    where = os.fsdecode(where) if isinstance(where, bytes) else str(where)
+    return f"{reason[:1].lower()}{reason[1:]}" + (f": {where}" if where else "")
+
+
 def require(module: str, extra: str, *, import_it: bool = True):
     """Import an optional dependency (or, with ``import_it=False``, only check that it is installed)
     or raise :class:`MissingDependencyError` naming the extra."""

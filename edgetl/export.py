@@ -33,6 +33,7 @@ import numpy as np
 from edgetl.artifacts import MODEL, QAT_WEIGHTS, read_manifest, update_manifest, write_json
 from edgetl.errors import EdgetlError, ExitCode, RunDirError
 from edgetl.parity import ARTIFACTS, ParityReport, Thresholds, runner_for
+from edgetl.subproc import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _run_converter(job: dict[str, Any], log_path: Path) -> dict[str, Any]:
     with open(log_path, "a") as log_file:
         proc = subprocess.run(
             [sys.executable, "-m", "edgetl.tflite_convert", str(job_path)],
-            stdout=subprocess.PIPE, stderr=log_file, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, preexec_fn=die_with_parent(),
         )  # fmt: skip
         log_file.write(proc.stdout)
     if proc.returncode != 0:
@@ -159,6 +160,17 @@ def bias_correction_wanted(cfg: ExportConfig, manifest: dict[str, Any]) -> bool:
 def export(
     run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), data: str | None = None  # noqa: B008
 ) -> ExportResult:
+    """:func:`_export` holding the run's lock: a second export (or any other writer) of the same run
+    is refused instead of corrupting this one's work folder and log."""
+    from edgetl.artifacts import run_lock
+
+    if not (Path(run_dir) / MODEL).is_file():  # say so before the lock creates the folder
+        raise RunDirError(f"{run_dir} has no {MODEL}", hint="run edgetl finetune first")
+    with run_lock(run_dir, "export"):
+        return _export(run_dir, cfg, data)
+
+
+def _export(run_dir: str | os.PathLike, cfg: ExportConfig, data: str | None) -> ExportResult:
     """Export, verify and parity-check a fine-tuned run. See the module docstring.
 
     Raises:
@@ -327,7 +339,8 @@ def export(
                                    "bytes": (run_dir / name).stat().st_size, **_io_spec(run_dir / name)}  # fmt: skip
     shutil.rmtree(workdir, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - started
-    export_info.update(timings=timings, remedies=remedies, parity_passed=report.passed)
+    export_info.update(timings=timings, remedies=remedies, parity_passed=report.passed,
+                       parity_evidence=report.evidence())  # what a later `check` may not undercut  # fmt: skip
     update_manifest(run_dir, "export", [*sorted(produced), "export.log"], export_info)
     return ExportResult(
         run_dir=run_dir,
@@ -340,6 +353,7 @@ def export(
 
 
 def _io_spec(path: Path) -> dict[str, Any]:
+    runner_for(path)  # a file that is not a whole model is a RunDirError, not an interpreter crash
     if path.suffix == ".tflite":
         from edgetl.runtime.model import TFLiteClassifier
 

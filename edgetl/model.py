@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from edgetl.errors import WeightsError
+from edgetl.errors import WeightsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, OSError, hash mismatch: all mean "not available"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise WeightsError(
             f"torchvision's ImageNet weights for MobileNetV2 are not cached and could not be "
             f"downloaded ({reason})",
@@ -113,7 +113,7 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot load weights from {path}: {str(exc).splitlines()[0]}") from None
+        raise WeightsError(f"cannot load weights from {path}: {first_line(exc)}") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers, edgetl's own included
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl import __version__
-from edgetl.artifacts import MODEL, QAT_WEIGHTS, atomic_path, dumps_json, read_manifest, verify_files
+from edgetl.artifacts import MODEL, QAT_WEIGHTS, atomic_path, dumps_json, read_manifest, run_lock, verify_files
 from edgetl.errors import EdgetlError, ExitCode, RunDirError
 from edgetl.targets import Target
 
@@ -76,7 +76,12 @@ def source_date_epoch() -> int:
 
 
 def parity_verdict(manifest: dict[str, Any], artifact: str, target: Target) -> tuple[bool, dict[str, Any]]:
-    """Whether ``artifact`` passed parity, judged by the target's own thresholds on the recorded metrics."""
+    """Whether ``artifact`` passed parity, judged by the target's own thresholds on the recorded metrics.
+
+    The metrics also carry the evidence they stand on (``data``: source, image count, content sha256;
+    ``thresholds``) and, under ``evidence_problems``, how that evidence falls short of what the target
+    requires (:func:`evidence_problems`).
+    """
     check = manifest["stages"].get("check")
     if check is None or artifact not in check.get("artifacts", {}):
         return False, {"reason": "not checked"}
@@ -89,8 +94,31 @@ def parity_verdict(manifest: dict[str, Any], artifact: str, target: Target) -> t
         passed_for_target=bool(passed),
         target_thresholds={"max_drop": target.parity.max_drop, "min_agreement": target.parity.min_agreement},
         data=check.get("data"),
+        thresholds=check.get("thresholds"),
+        evidence_problems=evidence_problems(manifest, target),
     )
     return bool(passed), metrics
+
+
+def evidence_problems(manifest: dict[str, Any], target: Target) -> list[str]:
+    """How the recorded verdict's evidence falls short: fewer images than the target's
+    ``parity.min_images`` (or than the run's whole validation split, when that is smaller), or weaker
+    than the export's own check (fewer images, looser thresholds). Empty: good enough to ship on."""
+    from edgetl.parity import weaker_evidence
+
+    check = manifest["stages"]["check"]
+    data = check.get("data") or {}
+    count = int(data.get("count", 0))
+    val_count = (manifest["stages"].get("finetune", {}).get("counts") or {}).get("val")
+    needed = min(target.parity.min_images, val_count) if val_count else target.parity.min_images
+    problems = []
+    if count < needed:
+        problems.append(f"the verdict rests on {count} images, {target.name} needs at least {needed}")
+    exported = manifest["stages"].get("export", {}).get("parity_evidence")
+    evidence = {"data": data, "thresholds": check.get("thresholds") or {}}
+    if exported and data.get("sha256") != exported["data"].get("sha256") and evidence["thresholds"]:
+        problems += weaker_evidence(evidence, exported)
+    return problems
 
 
 def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, size: int | None) -> list[str]:
@@ -169,12 +197,16 @@ def package(
     compile_model: bool = True,
     allow_cpu_ops: bool = False,
     check_tflm: bool = True,
+    accept_weak_parity: bool = False,
 ) -> PackageResult:
     """Build the bundle folder and its reproducible ``.tar.gz``.
 
     Raises:
         RunDirError: nothing exported for this target's artifact, or run files differ from the manifest.
-        ParityRefused: the artifact failed (or never had) the parity check, unless ``force``.
+        ParityRefused: the artifact failed (or never had) the parity check, unless ``force``; or its
+            verdict rests on weaker evidence than the target requires (too few images, weaker than
+            the export's own check), unless ``accept_weak_parity`` (or ``force``), which the bundle
+            manifest records as ``parity.evidence_waived``.
         ConstraintViolated: the model breaks a target limit (size, input, static shape, batch).
         MissingDependencyError: the target's compiler is not installed (``compile_model=False``
             ships the compile-ready model and a script instead).
@@ -197,22 +229,20 @@ def package(
     if tampered:
         raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
     model_bytes = (run_dir / artifact).read_bytes()
+    if artifact.endswith(".tflite"):
+        from edgetl.runtime.modelfile import ModelFileError, check_tflite_bytes
+
+        try:
+            check_tflite_bytes(model_bytes, str(run_dir / artifact))
+        except ModelFileError as exc:
+            raise RunDirError(str(exc), hint=f"export the run again: edgetl export {run_dir}") from None
     compiled_later = target.compile.tool == "vela" and compile_model  # Vela's output is what must fit
     problems = check_constraints(manifest, artifact, target, None if compiled_later else len(model_bytes))
     if problems:
         more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise ConstraintViolated(f"{target.name}: {problems[0]}{more}")
 
-    passed, parity = parity_verdict(manifest, artifact, target)
-    if not passed and not force:
-        reason = parity.get("reason") or (
-            f"top-1 Δ {parity['delta_top1_pp']:+.2f} pp, agreement {100 * parity['agreement']:.2f}% "
-            f"(target: ≥ -{target.parity.max_drop} pp, ≥ {100 * target.parity.min_agreement:.1f}%)"
-        )
-        raise ParityRefused(
-            f"{artifact} failed parity for {target.name}: {reason}",
-            hint="see parity.md; --force packages it anyway and records that in the manifest",
-        )
+    passed, parity = _judge_parity(manifest, artifact, target, force, accept_weak_parity)
     finetune = manifest["stages"]["finetune"]
     export = manifest["stages"]["export"]
     contents: dict[str, bytes] = {
@@ -275,10 +305,11 @@ def package(
     out = Path(out) if out is not None else run_dir / "bundles"
     bundle_dir = out / name
     archive = out / f"{name}.tar.gz"
-    _write_dir(bundle_dir, contents)
     data = _reproducible_targz(name, contents, source_date_epoch())
-    with atomic_path(archive) as tmp:
-        tmp.write_bytes(data)
+    with run_lock(out, "package"):  # two packagers of one bundle would swap folders under each other
+        _write_dir(bundle_dir, contents)
+        with atomic_path(archive) as tmp:
+            tmp.write_bytes(data)
     return PackageResult(
         bundle_dir=bundle_dir,
         archive=archive,
@@ -290,6 +321,31 @@ def package(
         accelerator=accelerator,
         tflm=tflm,
     )
+
+
+def _judge_parity(manifest: dict[str, Any], artifact: str, target: Target, force: bool,
+                  accept_weak_parity: bool) -> tuple[bool, dict[str, Any]]:  # fmt: skip
+    """The verdict package ships on; refuses a failed or weakly evidenced one unless told otherwise."""
+    passed, parity = parity_verdict(manifest, artifact, target)
+    if not passed and not force:
+        reason = parity.get("reason") or (
+            f"top-1 Δ {parity['delta_top1_pp']:+.2f} pp, agreement {100 * parity['agreement']:.2f}% "
+            f"(target: ≥ -{target.parity.max_drop} pp, ≥ {100 * target.parity.min_agreement:.1f}%)"
+        )
+        raise ParityRefused(
+            f"{artifact} failed parity for {target.name}: {reason}",
+            hint="see parity.md; --force packages it anyway and records that in the manifest",
+        )
+    problems = parity.pop("evidence_problems", [])
+    if passed and problems and not (accept_weak_parity or force):
+        raise ParityRefused(
+            f"the parity verdict for {artifact} is too weak to ship on: {'; '.join(problems)}",
+            hint="run edgetl check on the validation split or a larger --data folder; --accept-weak-parity "
+                 "packages anyway and records that in the bundle",
+        )  # fmt: skip
+    if problems:
+        parity["evidence_waived"] = "; ".join(problems)
+    return passed, parity
 
 
 def _edgetpu(run_dir: Path, artifact: str, target: Target, contents: dict[str, bytes], compile_model: bool,
@@ -376,6 +432,8 @@ def _tflm(run_dir: Path, manifest: dict[str, Any], artifact: str, io: dict[str, 
 def _write_dir(bundle_dir: Path, contents: dict[str, bytes]) -> None:
     """Write the folder beside its final place, then swap it in (never half a bundle)."""
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in bundle_dir.parent.glob(f".{bundle_dir.name}.*"):  # a killed packager's (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle folder is for everyone to read
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.artifacts import MODEL, QAT_WEIGHTS, atomic_write, read_manifest, verify_files, write_json
-from edgetl.errors import DataError, RunDirError
+from edgetl.errors import DataError, RunDirError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,31 @@ def tflite_runner(path: Path, num_threads: int = 1) -> Callable[[np.ndarray], np
 
 
 def runner_for(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    return onnx_runner(path) if path.suffix == ".onnx" else tflite_runner(path)
+    """A batch runner for an exported model file.
+
+    Raises:
+        RunDirError: the file is not a whole, loadable model (truncated, empty, garbage).
+    """
+    from edgetl.runtime.modelfile import ModelFileError, check_tflite
+
+    try:
+        if path.suffix == ".onnx":
+            import onnx
+
+            onnx.checker.check_model(str(path))  # onnxruntime may crash on a broken file instead of raising
+            return onnx_runner(path)
+        check_tflite(path)
+        return tflite_runner(path)
+    except (ModelFileError, onnx_errors()) as exc:
+        raise RunDirError(f"{path} is not a usable model: {first_line(exc)}", hint="export the run again") from None
+
+
+def onnx_errors() -> tuple[type[BaseException], ...]:
+    """What onnx raises for an unreadable model file."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    return (onnx.checker.ValidationError, DecodeError, ValueError)
 
 
 # ----------------------------------------------------------------------------- the check
@@ -231,6 +255,10 @@ class ParityReport:
     data: dict[str, Any]
     float_metrics: dict[str, Any]
     artifacts: dict[str, dict[str, Any]]  # file -> metrics + "passed" + "format"/"precision"
+
+    def evidence(self) -> dict[str, Any]:
+        """What the verdict stands on: the data (source, count, content sha256) and the thresholds."""
+        return {"data": dict(self.data), "thresholds": self.thresholds.to_dict()}
 
     def failed(self) -> list[str]:
         return [name for name, a in self.artifacts.items() if not a["passed"]]
@@ -281,7 +309,33 @@ def evaluation_set(run_dir: Path, manifest: dict[str, Any], data: str | os.PathL
         splits, description = None, {"source": "folder", "root": str(root)}
     loaded = load_split(samples, spec.resize_size, spec, eval_crop=True)
     description["count"] = len(loaded.labels)
+    description["sha256"] = evidence_digest(loaded.images, loaded.labels)
     return loaded, description, classes, splits
+
+
+def evidence_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of what a verdict was measured on: the model-input pixels of every image and its label."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(images).data)
+    digest.update(np.asarray(labels, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def weaker_evidence(evidence: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
+    """How the evidence of a verdict (``{"data": ..., "thresholds": ...}``) falls short of the export's
+    own check (``reference``): fewer images or looser thresholds. Empty: at least as strong."""
+    if not reference:
+        return []
+    reasons = []
+    count, ref_count = evidence["data"].get("count", 0), reference["data"].get("count", 0)
+    if count < ref_count:
+        reasons.append(f"checked on {count} images, the export's own check on {ref_count}")
+    mine, ref = evidence["thresholds"], reference["thresholds"]
+    if mine["max_drop"] > ref["max_drop"] or mine["min_agreement"] < ref["min_agreement"]:
+        reasons.append(f"thresholds (drop <= {mine['max_drop']} pp, agreement >= {mine['min_agreement']}) are looser "
+                       f"than the export's ({ref['max_drop']} pp, {ref['min_agreement']})")  # fmt: skip
+    return reasons
 
 
 def check(
@@ -290,6 +344,20 @@ def check(
     data: str | os.PathLike | None = None,
     artifacts: list[str] | None = None,
     evaluation: tuple[Any, dict[str, Any], list[str], np.ndarray] | None = None,
+) -> ParityReport:
+    """:func:`_check` holding the run's lock (another process writing the run is refused)."""
+    from edgetl.artifacts import run_lock
+
+    with run_lock(run_dir, "check"):
+        return _check(run_dir, thresholds, data, artifacts, evaluation)
+
+
+def _check(
+    run_dir: str | os.PathLike,
+    thresholds: Thresholds,
+    data: str | os.PathLike | None,
+    artifacts: list[str] | None,
+    evaluation: tuple[Any, dict[str, Any], list[str], np.ndarray] | None,
 ) -> ParityReport:
     """Measure every exported artifact in ``run_dir`` against the float model.
 
@@ -342,6 +410,10 @@ def check(
         float_metrics=float_metrics,
         artifacts=results,
     )
+    exported = manifest["stages"].get("export", {}).get("parity_evidence")
+    for reason in weaker_evidence(report.evidence(), exported) if evaluation is None else []:
+        log.warning("this verdict is weaker than the export's: %s; package refuses it unless --accept-weak-parity",
+                    reason)  # fmt: skip
     write_report(run_dir, report, classes)
     return report
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgetl.calib import data_dir
 from edgetl.config import check_keys
-from edgetl.errors import ConfigError
+from edgetl.errors import ConfigError, first_line
 
 RUNTIMES = ("litert", "onnxruntime", "tflm")
 DELEGATES = ("none", "xnnpack", "edgetpu", "ethos-u")
@@ -47,6 +47,9 @@ class QuantizationSpec:
 class ParitySpec:
     max_drop: float = 1.0  # top-1 points the shipped artifact may lose against float
     min_agreement: float = 0.98  # required top-1 agreement with float
+    # the verdict package trusts must rest on at least this many images (or the whole validation split
+    # when that is smaller): a check on two images says nothing about the model
+    min_images: int = 100
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,8 @@ def _validate(target: Target, where: str) -> None:
         raise bad("threads must be >= 1")
     if target.parity.max_drop < 0 or not 0 <= target.parity.min_agreement <= 1:
         raise bad("parity needs max_drop >= 0 and 0 <= min_agreement <= 1")
+    if target.parity.min_images < 1:
+        raise bad("parity.min_images must be >= 1")
     for key in ("max_model_bytes", "max_arena_bytes"):
         value = getattr(target.constraints, key)
         if value is not None and value <= 0:
@@ -213,8 +218,8 @@ def load_target(name_or_path: str) -> Target:
         raise ConfigError(f"unknown target {name_or_path!r}", hint=hint + " (or give a .toml path)")
     try:
         values = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read target file {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read target file {path}: {first_line(exc)}") from None
     where = f"target {path.name}"
     check_keys(values, {f.name for f in fields(Target)} - {"source"}, where)
     for required in ("name", "description", "kind", "runtime", "delegate", "artifact"):

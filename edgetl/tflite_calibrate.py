@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.subproc import die_with_parent
+
 
 def merge_ranges(first: bytes, second: bytes | None = None, input_range: tuple[float, float] | None = None) -> bytes:
     """Calibrated copies of one model (TFLite's calibrator output) as one: per tensor, the smaller minimum
@@ -68,6 +70,7 @@ class Helper:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgetl.tflite_calibrate"],
             stdin=subprocess.PIPE, stdout=sys.stderr, stderr=sys.stderr, text=True,  # its noise: export.log
+            preexec_fn=die_with_parent(),
         )  # fmt: skip
 
     def start(self, model: bytes, images: np.ndarray) -> Path:

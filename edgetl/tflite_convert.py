@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgetl.subproc import die_with_parent
+
 # The direct route's float model (see edgetl.tf_graph), written by the export into the workdir.
 GRAPH = "graph.npz"
 # The int8 model's own weights (edgetl.prequant, edgetl.qat), when the export writes them: quantised
@@ -56,7 +58,8 @@ def run_onnx2tf(onnx_path: Path, workdir: Path) -> Path:
     # -osd: signatures, needed by TFLiteConverter.from_saved_model. No -coion (it needs flatc).
     command += ["-i", str(onnx_path), "-o", str(out), "-osd", "-n"]
     print("$", " ".join(command), flush=True)
-    proc = subprocess.run(command, cwd=workdir, env=env, stdout=sys.stdout, stderr=sys.stderr)
+    proc = subprocess.run(command, cwd=workdir, env=env, stdout=sys.stdout, stderr=sys.stderr,
+                          preexec_fn=die_with_parent())  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"onnx2tf failed with exit code {proc.returncode}")
     return out

@@ -35,6 +35,7 @@ import numpy as np
 
 from edgetl.errors import EdgetlError, ExitCode, require
 from edgetl.runtime.model import integer_input
+from edgetl.subproc import die_with_parent
 
 ARENA_STEP = 16  # TFLM aligns arena allocations to 16 bytes
 _TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
@@ -95,7 +96,7 @@ def _run(model: Path, arena: int, batch: np.ndarray, workdir: Path) -> tuple[boo
     np.save(inputs, batch)
     outputs.unlink(missing_ok=True)
     code = f"import sys; from edgetl.tflm import _worker; sys.exit(_worker({str(model)!r}, {arena}, {str(inputs)!r}, {str(outputs)!r}))"  # noqa: E501
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=die_with_parent())
     text = proc.stdout + proc.stderr
     ok = proc.returncode == 0 and outputs.is_file()
     return ok, text, np.load(outputs) if ok else None

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetl import __version__
-from edgetl.artifacts import atomic_path, atomic_write, read_manifest, update_manifest, write_json
+from edgetl.artifacts import atomic_path, atomic_write, read_manifest, run_lock, update_manifest, write_json
 from edgetl.config import FinetuneConfig
 from edgetl.data import DatasetSplits, LoadedSplit, discover, load_split
 from edgetl.distributed import Context
-from edgetl.errors import ConfigError, DataError, Interrupted, RunDirError
+from edgetl.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingDiverged, first_line
 from edgetl.hostmem import retained_heap
 from edgetl.model import (
     EdgeClassifier,
@@ -367,7 +367,7 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise RunDirError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise RunDirError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def _check_resume_config(stored: dict[str, Any], given: dict[str, Any]) -> None:
@@ -383,6 +383,31 @@ def _check_resume_config(stored: dict[str, Any], given: dict[str, Any]) -> None:
 
 
 def finetune(
+    data: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    cfg: FinetuneConfig,
+    *,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> FinetuneResult | None:
+    """Fine-tune MobileNetV2 on an image folder into ``run_dir``, holding the run's lock (rank 0).
+
+    See :func:`_finetune` for the arguments. Raises :class:`edgetl.errors.RunLocked` when another
+    process writes the same run, and ConfigError when ``run_dir`` lies inside the dataset (the next
+    run would train on its files).
+    """
+    run_dir = Path(run_dir).expanduser()
+    data_root = Path(data).expanduser().resolve()
+    if data_root.is_dir() and run_dir.resolve().is_relative_to(data_root):
+        raise ConfigError(f"the run folder {run_dir} is inside the dataset {data}",
+                          hint="choose an --out outside the dataset folder")  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes (edgetl.distributed)
+        return _finetune(data, run_dir, cfg, resume=resume, overrides=overrides)
+    with run_lock(run_dir, "finetune"):
+        return _finetune(data, run_dir, cfg, resume=resume, overrides=overrides)
+
+
+def _finetune(
     data: str | os.PathLike,
     run_dir: str | os.PathLike,
     cfg: FinetuneConfig,
@@ -473,6 +498,7 @@ def finetune(
     # Decoding comes after the weights are resolved, so that bad weights fail fast.
     skipped: list[dict[str, str]] = []
     loaded = _load_data(splits, spec, cfg, skipped)
+    overlap = held_out_overlap(loaded)
     train, val, test = loaded["train"], loaded["val"], loaded["test"]
     model.to(device)
     if device.type == "cuda":
@@ -485,7 +511,7 @@ def finetune(
     optimizer_phase = None
     config_dict = cfg.to_dict()
 
-    epoch = next_epoch
+    epoch = saved_epochs = next_epoch
     with retained_heap(device.type == "cpu"):  # edgetl.hostmem: 1.3-3.8x faster epochs on the CPU
         try:
             while epoch < total_epochs and not stopped_early:
@@ -509,6 +535,7 @@ def finetune(
                 )  # fmt: skip
                 val_logits = predict_logits(model, val.images, device)
                 val_metrics = classification_metrics(val_logits, val.labels, splits.classes)
+                _refuse_divergence(epoch, stats["train_loss"], val_metrics["loss"], saved_epochs, run_dir)
                 row = {
                     "epoch": epoch + 1,
                     "phase": phase,
@@ -555,12 +582,15 @@ def finetune(
                         "next_epoch": epoch,
                     },
                 )
+                saved_epochs = epoch
                 state = None  # optimizer state from a resumed checkpoint applies to its phase only once
         except KeyboardInterrupt:
-            done = len(history)
+            if not saved_epochs:
+                raise Interrupted("interrupted before the first epoch ended; nothing was saved",
+                                  hint=f"start again: edgetl finetune {data} --out {run_dir}") from None  # fmt: skip
             raise Interrupted(
-                f"interrupted; {done} of {total_epochs} epochs are saved in {run_dir / STATE_PATH}",
-                hint=f"continue with: edgetl finetune {data} --out {run_dir} --resume",
+                f"interrupted; {saved_epochs} of {total_epochs} epochs are saved in {run_dir / STATE_PATH}",
+                hint=f"continue at epoch {saved_epochs + 1} with: edgetl finetune {data} --out {run_dir} --resume",
             ) from None
 
     ctx.close()  # no collectives after training: rank 0 finalises alone
@@ -569,11 +599,23 @@ def finetune(
     model.load_state_dict(best["state"])
     result = _finalize(
         run_dir, model, splits, spec, cfg, device, val, test, history, best, skipped,
-        weights_source, unfreeze_from, fingerprint, stopped_early,
+        weights_source, unfreeze_from, fingerprint, stopped_early, overlap,
     )  # fmt: skip
     result.seconds = time.perf_counter() - started
     result.processes = ctx.world
     return result
+
+
+def _refuse_divergence(epoch: int, train_loss: float, val_loss: float, saved_epochs: int, run_dir: Path) -> None:
+    """Stop a run whose loss went non-finite, before its state overwrites the last good checkpoint."""
+    if math.isfinite(train_loss) and math.isfinite(val_loss):
+        return
+    kept = (f"the last good state (epoch {saved_epochs}) is kept in {run_dir / STATE_PATH}" if saved_epochs
+            else "no epoch had finished, nothing was saved")  # fmt: skip
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch + 1} (train loss {train_loss:.4g}, val loss {val_loss:.4g}); {kept}",
+        hint="start a new run with a lower --lr / --finetune-lr",
+    )
 
 
 def _load_data(
@@ -596,6 +638,28 @@ def _load_data(
     if missing:
         raise DataError(f"no readable training images left for class(es): {', '.join(missing)}")
     return loaded
+
+
+def held_out_overlap(loaded: dict[str, LoadedSplit]) -> dict[str, int]:
+    """How many validation and test images are also training images (same decoded pixels).
+
+    Every validation image in training is refused: the accuracy and early stopping would measure
+    memory, not the model. Some is warned about loudly and recorded in metrics.json.
+
+    Raises:
+        DataError: the validation split is wholly contained in the training split.
+    """
+    seen = set(loaded["train"].digests)
+    overlap = {name: sum(d in seen for d in loaded[name].digests) for name in ("val", "test")}
+    val_count = len(loaded["val"].digests)
+    if val_count and overlap["val"] == val_count:
+        raise DataError(f"all {val_count} validation images are also training images (same pixels)",
+                        hint="give val/ images that are not in train/, or drop val/ to split train/")  # fmt: skip
+    for name, count in overlap.items():
+        if count:
+            log.warning("%d of %d %s images are ALSO TRAINING IMAGES (same pixels): their accuracy overstates "
+                        "the model; remove them from one of the splits", count, len(loaded[name].digests), name)
+    return overlap
 
 
 def _csv_value(value: Any) -> str:
@@ -634,6 +698,7 @@ def _finalize(
     unfreeze_from: int,
     fingerprint: str,
     stopped_early: bool,
+    overlap: dict[str, int],
 ) -> FinetuneResult:
     """Evaluate the best weights and write every artifact of the run."""
     from edgetl import report
@@ -674,6 +739,8 @@ def _finalize(
             "val": len(splits.val),
             "test": len(splits.test),
             "skipped": len(skipped),
+            "val_in_train": overlap["val"],
+            "test_in_train": overlap["test"],
         },
         "skipped_files": skipped,
         "classes": splits.classes,
@@ -695,6 +762,8 @@ def _finalize(
             "unfreeze_from": unfreeze_from,
             "weights": weights_source,
             "data": {"root": str(splits.root), "layout": splits.layout, "fingerprint": fingerprint},
+            # images decoded per split (unreadable ones skipped): package's minimum parity evidence
+            "counts": {"val": len(val.labels), "test": len(test.labels)},
             "best_epoch": best["epoch"],
             "val_top1": val_metrics["top1"],
             "test_top1": test_metrics["top1"] if test_metrics else None,
@@ -741,7 +810,7 @@ def load_checkpoint(run_dir: str | os.PathLike, name: str = "model.pt") -> tuple
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RunDirError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise RunDirError(f"cannot read {path}: {first_line(exc)}") from None
     if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("version") != CHECKPOINT_VERSION:
         raise RunDirError(f"{path} is not an edgetl checkpoint of version {CHECKPOINT_VERSION}")
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])

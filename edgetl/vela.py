@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import EdgetlError, require
+from edgetl.subproc import die_with_parent
 
 CONFIG = "Arm/vela.ini"  # the system configs shipped with Vela (Ethos_U55_High_End_Embedded, ...)
 _WARNING = re.compile(r"^Warning \(supported operators\) operator: (\w+), ofm: '([^']*)'\s*\nReason: (.+)$", re.M)
@@ -130,7 +131,7 @@ def compile_model(model: Path, workdir: Path, args: tuple[str, ...]) -> tuple[Pa
     require("ethosu.vela", "mcu", import_it=False)
     code = "import sys; from ethosu.vela.vela import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", code, *command(str(model), args, str(workdir))],
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True, preexec_fn=die_with_parent())  # fmt: skip
     text = proc.stdout + proc.stderr
     compiled = workdir / f"{model.stem}_vela.tflite"
     summaries = sorted(workdir.glob(f"{model.stem}_summary_*.csv"))

@@ -78,6 +78,8 @@ def load_classifier(source: str, threads: int | None, labels: str | None, backgr
         except DelegateError as exc:
             raise RuntimeFailure(str(exc), EXIT_ERROR) from None
         names, spec, probabilities = bundle.labels, bundle.preprocess, False
+        for warning in bundle.warnings():
+            print(f"edgetl-runtime: WARNING: {warning}", file=sys.stderr)
     elif path.is_file() and path.suffix in (".tflite", ".onnx"):
         if labels is None:
             raise RuntimeFailure(f"{path} is a plain model: give --labels FILE (one label per line)", EXIT_USAGE)
@@ -205,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Median and p90 of invoke and of the whole frame (preprocess + invoke + postprocess)."""
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else [1, 2, 4]
+    threads = [_positive_int(t, "--threads") for t in args.threads.split(",")] if args.threads else [1, 2, 4]
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)  # a VGA camera frame
     rows = []
@@ -237,45 +239,83 @@ def bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="edgetl-runtime", description="Classify with an edgetl bundle or a .tflite model."
-    )
+class UsageError(Exception):
+    """A bad command line (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and exits; one line and our exit code instead
+        raise UsageError(f"{message} (see --help)")
+
+
+def parser(prog: str = "edgetl-runtime") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Classify with an edgetl bundle or a .tflite model.")
     p.add_argument("model", help="bundle folder, or a .tflite/.onnx file with --labels")
     p.add_argument("sources", nargs="*", help="image files or folders")
     p.add_argument("--camera", type=int, default=None, help="camera index (V4L2 on a Pi)")
     p.add_argument("--picamera2", action="store_true", help="read the camera with Picamera2")
     p.add_argument("--video", default=None, help="video file")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many camera frames")
+    p.add_argument("--max-frames", type=_count, default=None, help="stop after this many camera frames")
     p.add_argument("--labels", default=None, help="labels file for a plain model")
     p.add_argument("--background", action="store_true", help="index 0 is a background class: never report it")
     p.add_argument("--crop-fraction", type=float, default=1.0, help="plain models: centre-crop fraction [1.0]")
     p.add_argument("--pixel-range", default="0,255", help="plain float models: input range, e.g. -1,1 [0,255]")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_count, default=3)
     p.add_argument("--threads", default=None, help="interpreter threads; bench: a list like 1,2,4")
-    p.add_argument("--runs", type=int, default=50, help="bench: timed runs per thread count")
+    p.add_argument("--runs", type=_count, default=50, help="bench: timed runs per thread count")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout (bench: one object)")
     p.add_argument("--show", action="store_true", help="show an annotated window (q quits)")
     p.add_argument("--save", default=None, help="write the annotated frames to this video file")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "edgetl-runtime") -> int:
+    """Run the application; every failure is one ``PROG: error:`` line on stderr and an exit code
+    (with ``--json`` also ``{"ok": false, "error": {...}}`` on stdout)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     is_bench = bool(argv) and argv[0] == "bench"
-    args = parser().parse_intermixed_args(argv[1:] if is_bench else argv)
+    wants_json = "--json" in argv
     try:
+        args = parser(prog).parse_intermixed_args(argv[1:] if is_bench else argv)
         if is_bench:
             return bench(args)
         if args.threads is not None:
-            args.threads = int(args.threads)
+            args.threads = _positive_int(args.threads, "--threads")
         return run(args)
+    except UsageError as exc:
+        return _fail(prog, str(exc), EXIT_USAGE, wants_json)
     except (RuntimeFailure, SourceError) as exc:
-        print(f"edgetl-runtime: error: {exc}", file=sys.stderr)
-        return getattr(exc, "code", EXIT_ERROR)
-    except ValueError as exc:  # e.g. a model file the interpreter cannot read
-        print(f"edgetl-runtime: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(prog, str(exc), getattr(exc, "code", EXIT_ERROR), wants_json)
+    except ValueError as exc:  # e.g. a model file the interpreter cannot read (ModelFileError)
+        return _fail(prog, str(exc), EXIT_ERROR, wants_json)
+    except OSError as exc:  # an unreadable labels file, a full disk under --save
+        return _fail(prog, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_ERROR, wants_json)
     except KeyboardInterrupt:
-        print("edgetl-runtime: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _fail(prog: str, message: str, code: int, wants_json: bool) -> int:
+    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    if wants_json:
+        print(json.dumps({"ok": False, "error": {"message": message, "exit_code": code}}), flush=True)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _count(value: str) -> int:
+    """argparse type: a positive integer."""
+    try:
+        return _positive_int(value, "the value")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(value: str, option: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UsageError(f"{option} expects a positive integer, got {value!r}")
+    return number

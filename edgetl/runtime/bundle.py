@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .modelfile import ModelFileError, check_tflite
 from .preprocess import PreprocessSpec
 
 MANIFEST = "manifest.json"
@@ -37,9 +38,11 @@ def read_bundle_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{root} is not a bundle: no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{path} is not an edgetl bundle manifest")
     if manifest.get("schema_version") != BUNDLE_SCHEMA_VERSION or manifest.get("kind") != "edgetl-bundle":
         raise BundleError(f"{path} is not an edgetl bundle manifest of schema {BUNDLE_SCHEMA_VERSION}")
     return manifest
@@ -53,7 +56,9 @@ def verify_bundle(root: str | os.PathLike) -> list[str]:
     listed = manifest.get("files", {})
     for rel, entry in sorted(listed.items()):
         path = root / rel
-        if not path.is_file():
+        if not isinstance(entry, dict) or not {"size", "sha256"} <= set(entry):
+            problems.append(f"{rel}: the manifest has no size and sha256 for it")
+        elif not path.is_file():
             problems.append(f"{rel}: missing")
         elif path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
@@ -61,7 +66,37 @@ def verify_bundle(root: str | os.PathLike) -> list[str]:
         rel = path.relative_to(root).as_posix()
         if path.is_file() and rel != MANIFEST and rel not in listed and "__pycache__" not in rel:
             problems.append(f"{rel}: not in the manifest")
+    return problems or consistency_problems(root, manifest)
+
+
+def consistency_problems(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """What a re-hashed manifest cannot hide: the model must be a whole TFLite file, and labels.txt,
+    the manifest and the model's output must name the same number of classes."""
+    problems = []
+    try:
+        labels = read_labels(root / "labels.txt")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"labels.txt: unreadable ({exc})"]
+    classes = manifest.get("num_classes")
+    if len(labels) != classes:
+        problems.append(f"labels.txt: {len(labels)} labels, but the manifest says {classes} classes")
+    for rel in {manifest.get("model"), (manifest.get("accelerator") or {}).get("model")} - {None}:
+        if not str(rel).endswith(".tflite") or not (root / rel).is_file():
+            continue
+        try:
+            shapes = check_tflite(root / rel)
+        except ModelFileError as exc:
+            problems.append(f"{rel}: {exc}")
+            continue
+        outputs = [shape[-1] for shape in shapes.outputs if shape]
+        if outputs and outputs[0] != len(labels):
+            problems.append(f"{rel}: the model has {outputs[0]} outputs, labels.txt {len(labels)} labels")
     return problems
+
+
+def read_labels(path: Path) -> list[str]:
+    """labels.txt: one class name per line (edgetl refuses class names with control characters)."""
+    return path.read_text(encoding="utf-8").splitlines()
 
 
 @dataclass
@@ -78,6 +113,18 @@ class Bundle:
     def target(self) -> dict[str, Any]:
         return self.manifest["target"]
 
+    def warnings(self) -> list[str]:
+        """What the packager overrode: a model shipped despite failing parity, or on weaker parity
+        evidence than the target requires (``edgetl package --force`` / ``--accept-weak-parity``)."""
+        found = []
+        if self.manifest.get("forced"):
+            found.append("this model FAILED the parity check and was packaged with --force")
+        waived = (self.manifest.get("parity") or {}).get("evidence_waived")
+        if waived:
+            found.append(f"this model's parity evidence is weaker than its target requires ({waived}); "
+                         "it was packaged with --accept-weak-parity")  # fmt: skip
+        return found
+
 
 def open_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
     """Open a bundle folder, refusing it if any file differs from its manifest.
@@ -92,7 +139,7 @@ def open_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
         if problems:
             raise BundleError(f"bundle {root} fails verification: {problems[0]}"
                               + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))  # fmt: skip
-    labels = (root / "labels.txt").read_text().splitlines()
+    labels = read_labels(root / "labels.txt")
     if len(labels) != manifest["num_classes"]:
         raise BundleError(f"labels.txt has {len(labels)} labels, the model {manifest['num_classes']} classes")
     accelerator = manifest.get("accelerator") or {}

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .modelfile import ModelFileError, check_tflite
+
 
 @contextlib.contextmanager
 def native_stderr_captured() -> Iterator[None]:
@@ -109,6 +111,7 @@ class TFLiteClassifier:
                  delegate: str | None = None):  # fmt: skip
         interpreter_class = load_interpreter_class()
         self.path = str(path)
+        check_tflite(self.path)  # a truncated file would crash the interpreter (SIGSEGV), not raise
         delegates = [load_edgetpu_delegate()] if delegate == "edgetpu" else None
         with native_stderr_captured():
             self.interpreter = interpreter_class(model_path=self.path, num_threads=num_threads,
@@ -178,7 +181,11 @@ class ONNXClassifier:
         options.intra_op_num_threads = num_threads
         options.log_severity_level = 3
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's errors are multi-line C++ messages
+            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ModelFileError(f"{self.path} is not a usable ONNX model: {detail[:300]}") from None
         tensor = self.session.get_inputs()[0]
         self._name = tensor.name
         shape = tuple(int(d) for d in tensor.shape)
