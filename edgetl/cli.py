@@ -531,6 +531,8 @@ def verify_command(bundle: str, as_json: bool) -> None:
     text = f"{bundle}: ok" if not problems else "\n".join([f"{bundle}: FAILED", *[f"  {p}" for p in problems]])
     _emit(as_json, payload, text)
     if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        click.echo(_one_line(f"edgetl: error: {bundle} failed verification: {problems[0]}{more}"), err=True)
         sys.exit(int(ExitCode.VERIFY_FAILED))
 
 

@@ -285,10 +285,11 @@ def _export(run_dir: str | os.PathLike, cfg: ExportConfig, data: str | None) -> 
                 (run_dir / name).unlink(missing_ok=True)
         for name in produced:
             os.replace(workdir / name, run_dir / name)
-    finally:
-        keep_saved_model = cfg.int8 and cfg.remedies
-        if not keep_saved_model:
-            shutil.rmtree(workdir, ignore_errors=True)
+    except BaseException:  # failed or interrupted: nothing of it stays
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if not (cfg.int8 and cfg.remedies):  # the remedies re-quantise the converted model kept in the workdir
+        shutil.rmtree(workdir, ignore_errors=True)
 
     artifacts = {}
     for name, extra in produced.items():

@@ -233,7 +233,7 @@ def runner_for(path: Path) -> Callable[[np.ndarray], np.ndarray]:
             return onnx_runner(path)
         check_tflite(path)
         return tflite_runner(path)
-    except (ModelFileError, onnx_errors()) as exc:
+    except (ModelFileError, *onnx_errors()) as exc:
         raise RunDirError(f"{path} is not a usable model: {first_line(exc)}", hint="export the run again") from None
 
 

@@ -227,14 +227,14 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
         ConfigError: bad settings, or ``out_dir`` already exists.
         RunDirError, DataError: as :func:`edgetl.export.export` (no run, changed data, leakage).
     """
-    from edgetl.artifacts import QAT_WEIGHTS, atomic_path, read_manifest, update_manifest, write_json
+    from edgetl.artifacts import QAT_WEIGHTS, read_manifest, update_manifest, write_json
     from edgetl.calib import calibration_set, load_recipe
     from edgetl.config import FinetuneConfig
     from edgetl.data import load_split
     from edgetl.parity import evaluation_set
     from edgetl.prequant import equalize_for_int8
     from edgetl.runtime.preprocess import PreprocessSpec
-    from edgetl.train import load_checkpoint, predict_logits
+    from edgetl.train import load_checkpoint, predict_logits, save_atomically
 
     cfg.validate()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -291,9 +291,8 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path, cfg: Q
     manifest["files"] = {name: manifest["files"][name] for name in kept}
     manifest["stages"] = {"finetune": manifest["stages"]["finetune"]}
     write_json(tmp_dir / "manifest.json", manifest)
-    with atomic_path(tmp_dir / QAT_WEIGHTS) as path:
-        torch.save({**checkpoint, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-                   path)  # fmt: skip
+    save_atomically({**checkpoint, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+                    tmp_dir / QAT_WEIGHTS)  # fmt: skip
     record = {
         "source_run": str(run_dir.resolve()),
         "config": dataclasses.asdict(cfg),

@@ -352,9 +352,23 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`atomic_path`. torch reports a full disk as a RuntimeError from its
+    zip writer ("unexpected pos ..."); it becomes the OSError it is, so the CLI says "no space left"."""
+    import errno
+
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            stats = os.statvfs(tmp.parent)
+            if stats.f_bavail * stats.f_frsize < (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise RunDirError(f"cannot write {path}: {first_line(exc)}") from None
+
+
 def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
-    with atomic_path(run_dir / STATE_PATH) as tmp:
-        torch.save(state, tmp)
+    save_atomically(state, run_dir / STATE_PATH)
 
 
 def _load_state(run_dir: Path) -> dict[str, Any]:
@@ -402,19 +416,13 @@ def finetune(
         raise ConfigError(f"the run folder {run_dir} is inside the dataset {data}",
                           hint="choose an --out outside the dataset folder")  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes (edgetl.distributed)
-        return _finetune(data, run_dir, cfg, resume=resume, overrides=overrides)
+        return _finetune(data, run_dir, cfg, resume, overrides)
     with run_lock(run_dir, "finetune"):
-        return _finetune(data, run_dir, cfg, resume=resume, overrides=overrides)
+        return _finetune(data, run_dir, cfg, resume, overrides)
 
 
-def _finetune(
-    data: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    cfg: FinetuneConfig,
-    *,
-    resume: bool = False,
-    overrides: dict[str, Any] | None = None,
-) -> FinetuneResult | None:
+def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, resume: bool,
+              overrides: dict[str, Any] | None) -> FinetuneResult | None:  # fmt: skip
     """Fine-tune MobileNetV2 on an image folder and write the run directory.
 
     Args:
@@ -722,8 +730,7 @@ def _finalize(
         "config": cfg.to_dict(),
         "best_epoch": best["epoch"],
     }
-    with atomic_path(run_dir / "model.pt") as tmp:
-        torch.save(checkpoint, tmp)
+    save_atomically(checkpoint, run_dir / "model.pt")
     atomic_write(run_dir / "labels.txt", "".join(f"{c}\n" for c in splits.classes))
     atomic_write(run_dir / "history.csv", _history_csv(history))
     metrics = {
