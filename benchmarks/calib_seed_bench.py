@@ -56,33 +56,62 @@ def main() -> int:
     if run is None:
         return 0
     logging.basicConfig(level=logging.WARNING)
+    settings = [True, False] if args.no_equalize else [True]
+    rows, count = _sweep(run, args.seeds, settings)
+    info = machine()
+    summary = {("on" if equalize else "off"): _summary([r for r in rows if r["equalize"] == equalize])
+               for equalize in settings}  # fmt: skip
+    lines = _markdown(args.tag, run, count, info, rows, summary)
+    payload = {"machine": info, "run": str(run), "training": training_settings(run), "images": count,
+               "rows": rows, "summary": summary}  # fmt: skip
+    write_result(f"calib_seed_bench_{args.tag}", payload, "\n".join(lines) + "\n")
+    return 0
 
-    from edgetl.artifacts import read_manifest
-    from edgetl.export import ExportConfig, export
+
+def _sweep(run: Path, seeds: list[int], settings: list[bool]) -> tuple[list[dict], int]:
+    """One export of a copy of ``run`` per (equalisation, seed); returns the int8 rows and the image count."""
+    from edgetl.config import ExportConfig
+    from edgetl.pipeline import export_and_check
+    from edgetl.rundir import read_manifest
 
     recipe = tomllib.loads((CALIB / "default.toml").read_text())
-    settings = [True, False] if args.no_equalize else [True]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         skip = shutil.ignore_patterns("checkpoints", ".export-work", "bundles", "model*.tflite", "model.onnx")
         for equalize in settings:
-            for seed in args.seeds:
+            for seed in seeds:
                 path = Path(tmp) / f"seed{seed}.toml"
                 path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in {**recipe, "seed": seed}.items()))
                 work = Path(tmp) / f"run-{seed}-{equalize}"
                 shutil.copytree(run, work, ignore=skip)
-                result = export(work, ExportConfig(calib=str(path), equalize=equalize, remedies=False))
+                result = export_and_check(work, ExportConfig(calib=str(path), equalize=equalize, remedies=False))
                 int8 = result.parity.artifacts["model_int8.tflite"]
                 corrected = read_manifest(work)["stages"]["export"]["bias_correction"] or {}
                 rows.append({"seed": seed, "equalize": equalize, **{k: int8[k] for k in KEYS},
                              "activation_correction": corrected.get("activations", {})})  # fmt: skip
                 print(f"seed {seed} equalize {equalize}: " + ", ".join(f"{k} {int8[k]}" for k in KEYS), flush=True)
                 shutil.rmtree(work)
-        count = result.parity.data["count"]
+    return rows, result.parity.data["count"]
 
-    info = machine()
+
+def _summary(group: list[dict]) -> dict:
+    agreement = [r["agreement"] for r in group]
+    delta = [r["delta_top1_pp"] for r in group]
+    sqnr = [r["sqnr_db"] for r in group]
+    return {
+        "exports": len(group),
+        "agreement_min": min(agreement), "agreement_max": max(agreement),
+        "agreement_mean": sum(agreement) / len(group),
+        "delta_min": min(delta), "delta_max": max(delta),
+        "sqnr_min": min(sqnr), "sqnr_max": max(sqnr),
+        "agreement_target_met": sum(a >= 0.99 for a in agreement),
+        "delta_target_met": sum(d >= -0.5 for d in delta),
+    }  # fmt: skip
+
+
+def _markdown(tag: str, run: Path, count: int, info: dict, rows: list[dict], summary: dict) -> list[str]:
     lines = [
-        f"# int8 parity across calibration seeds: {args.tag}",
+        f"# int8 parity across calibration seeds: {tag}",
         "",
         f"Run: {run}. Validation images: {count} (val split). Machine: {info['cpu']}, {info['cpus']} CPUs.",
         f"Training: {training_settings(run)}.",
@@ -101,34 +130,16 @@ def main() -> int:
         lines.append(f"| {'on' if r['equalize'] else 'off'} | {r['seed']} | {100 * r['top1']:.2f}% | "
                      f"{r['delta_top1_pp']:+.2f} | {100 * r['agreement']:.2f}% | {r['sqnr_db']:.1f} | "
                      f"{'pass' if r['passed'] else 'fail'} | {_correction(r['activation_correction'])} |")  # fmt: skip
-    summary = {}
-    for equalize in settings:
-        group = [r for r in rows if r["equalize"] == equalize]
-        agreement = [r["agreement"] for r in group]
-        delta = [r["delta_top1_pp"] for r in group]
-        sqnr = [r["sqnr_db"] for r in group]
-        summary["on" if equalize else "off"] = {
-            "exports": len(group),
-            "agreement_min": min(agreement), "agreement_max": max(agreement),
-            "agreement_mean": sum(agreement) / len(group),
-            "delta_min": min(delta), "delta_max": max(delta),
-            "sqnr_min": min(sqnr), "sqnr_max": max(sqnr),
-            "agreement_target_met": sum(a >= 0.99 for a in agreement),
-            "delta_target_met": sum(d >= -0.5 for d in delta),
-        }  # fmt: skip
-        s = summary["on" if equalize else "off"]
+    for name, s in summary.items():
         lines += [
             "",
-            f"Equalisation {'on' if equalize else 'off'}, {len(group)} exports: agreement "
+            f"Equalisation {name}, {s['exports']} exports: agreement "
             f"{100 * s['agreement_min']:.2f}–{100 * s['agreement_max']:.2f} % (mean "
             f"{100 * s['agreement_mean']:.2f} %, ≥ 99 % in {s['agreement_target_met']}), Δtop-1 "
             f"{s['delta_min']:+.2f} to {s['delta_max']:+.2f} pp (≥ −0.5 in {s['delta_target_met']}), "
             f"SQNR {s['sqnr_min']:.1f}–{s['sqnr_max']:.1f} dB.",
         ]
-    payload = {"machine": info, "run": str(run), "training": training_settings(run), "images": count,
-               "rows": rows, "summary": summary}  # fmt: skip
-    write_result(f"calib_seed_bench_{args.tag}", payload, "\n".join(lines) + "\n")
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

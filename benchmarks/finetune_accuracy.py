@@ -1,7 +1,7 @@
 """Validation accuracy after each phase: ImageNet-initialised vs from scratch, and how much of the
 backbone phase 2 trains, same budget.
 
-Runs ``edgetl.train.finetune`` on the sign-language digits in ../shared (2,062 real photos, 10 classes,
+Runs ``edgetl.train.finetune.finetune`` on the sign-language digits in ../shared (2,062 real photos, 10 classes,
 seeded stratified 80/20 split) and writes ``results/finetune_accuracy_<tag>.{json,md}``. Variants:
 
 * ``imagenet``: edgetl's defaults with ``--weights ../shared/weights/mobilenet_v2_imagenet_features.pth``
@@ -57,9 +57,6 @@ def main() -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from edgetl.config import FinetuneConfig
-    from edgetl.train import finetune
-
     runs = previous_runs(args)
     if args.report_only:
         report(args, runs, previous=True)
@@ -68,38 +65,39 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         for seed in args.seeds:
-            weights = args.weights if settings["weights"] == "imagenet" else settings["weights"]
-            cfg = FinetuneConfig.build(
-                {
-                    **settings,
-                    "weights": weights,
-                    "image_size": args.image_size,
-                    "head_epochs": args.head_epochs,
-                    "finetune_epochs": args.finetune_epochs,
-                    "seed": seed,
-                }
-            )
             row = name if seed == 0 else f"{name} (seed {seed})"
-            with tempfile.TemporaryDirectory() as tmp:
-                run_dir = Path(args.keep) / f"{args.tag}_{name}_s{seed}" if args.keep else Path(tmp) / "run"
-                t0 = time.perf_counter()
-                result = finetune(args.data, run_dir, cfg)
-                history = (run_dir / "history.csv").read_text()
-            runs[row] = {
-                "weights": weights,
-                "seed": seed,
-                "phase1_best_val_acc": result.phase1_val_acc,
-                "phase2_best_val_acc": result.phase2_val_acc,
-                "final_val_acc": result.best_val_acc,
-                "best_epoch": result.best_epoch,
-                "epochs_run": result.epochs_run,
-                "stopped_early": result.stopped_early,
-                "seconds": time.perf_counter() - t0,
-                "history_csv": history,
-                "config": cfg.to_dict(),
-            }
+            runs[row] = train_variant(args, name, settings, seed)
             report(args, runs)  # after each run, so a long benchmark leaves results as it goes
     return 0
+
+
+def train_variant(args: argparse.Namespace, name: str, settings: dict, seed: int) -> dict:
+    """One fine-tuning run of a variant; its accuracy after each phase, time and history."""
+    from edgetl.config import FinetuneConfig
+    from edgetl.train.finetune import finetune
+
+    weights = args.weights if settings["weights"] == "imagenet" else settings["weights"]
+    cfg = FinetuneConfig.build({**settings, "weights": weights, "image_size": args.image_size,
+                                "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs,
+                                "seed": seed})  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.keep) / f"{args.tag}_{name}_s{seed}" if args.keep else Path(tmp) / "run"
+        t0 = time.perf_counter()
+        result = finetune(args.data, run_dir, cfg)
+        history = (run_dir / "history.csv").read_text()
+    return {
+        "weights": weights,
+        "seed": seed,
+        "phase1_best_val_acc": result.phase1_val_acc,
+        "phase2_best_val_acc": result.phase2_val_acc,
+        "final_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "seconds": time.perf_counter() - t0,
+        "history_csv": history,
+        "config": cfg.to_dict(),
+    }
 
 
 def previous_runs(args: argparse.Namespace) -> dict:

@@ -4,7 +4,7 @@ One run, one machine, MobileNetV2 1.0 at 224x224, 10 classes, batch 256 unless n
 
 - ceiling: synthetic tensors already on the GPU, bf16 autocast + channels_last, eager and with
   torch.compile, for phase 1 (backbone frozen, in eval mode) and phase 2 (last third unfrozen);
-- edgetl: ``edgetl.train.finetune`` on a folder of generated 500x375 JPEGs (decoded once into a uint8
+- edgetl: ``edgetl.train.finetune.finetune`` on a folder of generated 500x375 JPEGs (decoded once into a uint8
   cache, augmentation on the GPU), per epoch; the figure that counts is the mean of each phase's
   epochs after its first (the first compiles);
 - seed loop: torchvision ImageFolder + DataLoader (RandomResizedCrop, flip, ToTensor, Normalize),
@@ -78,8 +78,8 @@ def _phase_setup(phase: int, device):
     import torch
 
     from edgetl.config import FinetuneConfig
-    from edgetl.model import EdgeClassifier, default_unfreeze_from, set_train_mode, set_trainable
-    from edgetl.train import build_optimizer
+    from edgetl.train.model import EdgeClassifier, default_unfreeze_from, set_train_mode, set_trainable
+    from edgetl.train.optim import build_optimizer
 
     model = EdgeClassifier(CLASSES).to(device)
     if device.type == "cuda":
@@ -166,7 +166,7 @@ def dataloader_loop(
 
 def edgetl_end_to_end(data: Path, run: Path, batch: int, epochs: int, workers: int, size: int, device) -> dict:
     from edgetl.config import FinetuneConfig
-    from edgetl.train import finetune
+    from edgetl.train.finetune import finetune
 
     cfg = FinetuneConfig(batch_size=batch, head_epochs=epochs, finetune_epochs=epochs, weights="none",
                          compile=device.type == "cuda", device=device.type, patience=0, decode_workers=workers,
@@ -216,33 +216,37 @@ def main() -> int:
         t0 = time.perf_counter()
         make_dataset(data, args.images, args.workers)
         result["dataset_s"] = time.perf_counter() - t0
-        if "ceiling" not in skip:
-            result["ceiling"] = {}
-            for phase in (1, 2):
-                for compiled in (False, True) if args.device == "cuda" else (False,):
-                    key = f"phase{phase}_{'compiled' if compiled else 'eager'}"
-                    result["ceiling"][key] = ceiling(phase, compiled, args.batch, args.size, device)
-                    logging.info("ceiling %s: %.0f img/s", key, result["ceiling"][key])
-                    save()
-        if "edgetl" not in skip:
-            result["edgetl"] = edgetl_end_to_end(
-                data, Path(tmp) / "run", args.batch, args.epochs, args.workers, args.size, device
-            )
-            save()
-        if "seed" not in skip:
-            result["seed_loop"] = {}
-            for phase in (1, 2):
-                loop = {"workers": args.workers, "size": args.size, "device": device}
-                result["seed_loop"][f"phase{phase}_fp32_b8"] = dataloader_loop(data, phase, 8, False, **loop)
-                if args.device == "cuda":
-                    result["seed_loop"][f"phase{phase}_bf16_b{args.batch}"] = dataloader_loop(
-                        data, phase, args.batch, True, **loop
-                    )
-                logging.info("seed loops phase %d: %s", phase, result["seed_loop"])
-                save()
+        _measure(args, skip, device, data, Path(tmp), result, save)
     save()
     print(markdown(result))
     return 0
+
+
+def _measure(args: argparse.Namespace, skip: set, device, data: Path, tmp: Path, result: dict, save) -> None:
+    """The three sections (model ceiling, edgetl end to end, the tutorial-style loops), saved as they finish."""
+    if "ceiling" not in skip:
+        result["ceiling"] = {}
+        for phase in (1, 2):
+            for compiled in (False, True) if args.device == "cuda" else (False,):
+                key = f"phase{phase}_{'compiled' if compiled else 'eager'}"
+                result["ceiling"][key] = ceiling(phase, compiled, args.batch, args.size, device)
+                logging.info("ceiling %s: %.0f img/s", key, result["ceiling"][key])
+                save()
+    if "edgetl" not in skip:
+        result["edgetl"] = edgetl_end_to_end(data, tmp / "run", args.batch, args.epochs, args.workers, args.size,
+                                             device)  # fmt: skip
+        save()
+    if "seed" not in skip:
+        result["seed_loop"] = {}
+        for phase in (1, 2):
+            loop = {"workers": args.workers, "size": args.size, "device": device}
+            result["seed_loop"][f"phase{phase}_fp32_b8"] = dataloader_loop(data, phase, 8, False, **loop)
+            if args.device == "cuda":
+                result["seed_loop"][f"phase{phase}_bf16_b{args.batch}"] = dataloader_loop(
+                    data, phase, args.batch, True, **loop
+                )
+            logging.info("seed loops phase %d: %s", phase, result["seed_loop"])
+            save()
 
 
 def _phase_rate(epochs: list[dict], phase: int) -> float | None:

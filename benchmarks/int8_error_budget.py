@@ -1,8 +1,8 @@
 """Where the int8 model's logit error comes from: weights vs activations, and which activation tensors.
 
-A PyTorch simulation (:class:`edgetl.qat.QuantSim`: BN folded, per-channel symmetric int8 weights,
+A PyTorch simulation (:class:`edgetl.quantize.qat.QuantSim`: BN folded, per-channel symmetric int8 weights,
 per-tensor int8 activations calibrated min/max) of the graph the export quantises -- the run's model
-after :func:`edgetl.prequant.equalize_for_int8` on the default recipe's calibration images -- compared
+after :func:`edgetl.quantize.equalize.equalize_for_int8` on the default recipe's calibration images -- compared
 with the trained float model on the run's validation split (logit SQNR and top-1 agreement):
 
 - weights int8 (with and without bias correction: each layer's mean weight-rounding error over 128
@@ -35,8 +35,8 @@ def simulation_class():
     import torch
     import torch.nn.functional as F
 
-    from edgetl.qat import QuantSim, _fake_quant_weight
-    from edgetl.tf_graph import fold
+    from edgetl.quantize.qat import QuantSim, _fake_quant_weight
+    from edgetl.train.layers import fold
 
     class BudgetSim(QuantSim):
         """QuantSim whose weight and activation quantisation can be switched on separately."""
@@ -87,14 +87,33 @@ def main() -> int:
     run = finished_run(args.run)
     if run is None:
         return 0
+    m = _simulate(run, args.stride)
+    result = {
+        "run": str(run),
+        "data": m["description"],
+        "calibration": m["calibration"].description,
+        "configurations": m["configurations"],
+        "activation_tensors": len(m["alone"]),
+        "one_tensor_int8": {name: {**m["alone"][name], "range": list(m["ranges"][name])} for name in m["ranked"]},
+        "sum_of_one_tensor_noise_db": round(float(-10 * np.log10(m["noise"])), 2),
+        "machine": machine(),
+    }
+    write_result(f"int8_error_budget_{args.tag}", result, "\n".join(_markdown(args, run, m, result)))
+    return 0
+
+
+def _simulate(run: Path, stride: int) -> dict:
+    """The equalised int8 graph simulated (QuantSim), scored against the float model in each configuration,
+    then with one activation tensor in int8 at a time."""
     import torch
 
-    from edgetl.artifacts import read_manifest
-    from edgetl.calib import calibration_set, load_recipe
-    from edgetl.parity import evaluation_set, torch_logits
-    from edgetl.prequant import equalize_for_int8
+    from edgetl.data.heldout import evaluation_set
+    from edgetl.quantize.equalize import equalize_for_int8
+    from edgetl.quantize.recipes import calibration_set, load_recipe
+    from edgetl.rundir import read_manifest
     from edgetl.runtime.preprocess import PreprocessSpec
-    from edgetl.train import load_checkpoint, predict_logits
+    from edgetl.train.checkpoint import load_checkpoint
+    from edgetl.train.loop import predict_logits, torch_logits
 
     model, checkpoint = load_checkpoint(run)
     model.eval()
@@ -110,21 +129,16 @@ def main() -> int:
     def score(images: np.ndarray, ref: np.ndarray, **switches) -> dict[str, float]:
         for key, value in switches.items():
             setattr(sim, key, value)
-        logits = predict_logits(sim, images, cpu)
-        sqnr = 10 * np.log10((ref**2).sum() / ((logits - ref) ** 2).sum())
-        return {"sqnr_db": round(float(sqnr), 2), "agreement": float((logits.argmax(1) == ref.argmax(1)).mean())}
+        return _sqnr_and_agreement(predict_logits(sim, images, cpu), ref)
 
     # each layer's mean weight-rounding error on 128 calibration images, activations float
     sim.errors = {}
     measured = calibration.images[:128]
     score(measured, torch_logits(int8_model, measured), activations=set(), measuring=True)
     sim.measuring = False
-    float_graph = torch_logits(int8_model, val.images)
     configurations = {
-        "int8 graph in float (ReLU6 equalisation clips above the calibration maximum)": {
-            "sqnr_db": round(float(10 * np.log10((reference**2).sum() / ((float_graph - reference) ** 2).sum())), 2),
-            "agreement": float((float_graph.argmax(1) == reference.argmax(1)).mean()),
-        },
+        "int8 graph in float (ReLU6 equalisation clips above the calibration maximum)": _sqnr_and_agreement(
+            torch_logits(int8_model, val.images), reference),
         "weights int8, no bias correction; activations float": score(
             val.images, reference, quantise_weights=True, bias_correction=False, activations=set()),
         "weights int8 + bias correction; activations float": score(
@@ -133,44 +147,43 @@ def main() -> int:
         "weights int8 + bias correction and activations int8": score(
             val.images, reference, quantise_weights=True, bias_correction=True, activations=None),
     }  # fmt: skip
-    subset, subset_reference = val.images[:: args.stride], reference[:: args.stride]
+    subset, subset_reference = val.images[::stride], reference[::stride]
     alone = {name: score(subset, subset_reference, quantise_weights=False, activations={name})
              for name in sim.ranges}  # fmt: skip
-    ranked = sorted(alone, key=lambda name: alone[name]["sqnr_db"])
-    noise = sum(10 ** (-alone[name]["sqnr_db"] / 10) for name in alone)
-    result = {
-        "run": str(run),
-        "data": description,
-        "calibration": calibration.description,
-        "configurations": configurations,
-        "activation_tensors": len(alone),
-        "one_tensor_int8": {name: {**alone[name], "range": list(sim.ranges[name])} for name in ranked},
-        "sum_of_one_tensor_noise_db": round(float(-10 * np.log10(noise)), 2),
-        "machine": machine(),
-    }
-    lines = [
+    return {"description": description, "calibration": calibration, "configurations": configurations,
+            "alone": alone, "ranked": sorted(alone, key=lambda name: alone[name]["sqnr_db"]), "ranges": sim.ranges,
+            "noise": sum(10 ** (-alone[name]["sqnr_db"] / 10) for name in alone), "subset": len(subset)}  # fmt: skip
+
+
+def _sqnr_and_agreement(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    sqnr = 10 * np.log10((ref**2).sum() / ((logits - ref) ** 2).sum())
+    return {"sqnr_db": round(float(sqnr), 2), "agreement": float((logits.argmax(1) == ref.argmax(1)).mean())}
+
+
+def _markdown(args: argparse.Namespace, run: Path, m: dict, result: dict) -> list[str]:
+    description, alone, ranges = m["description"], m["alone"], m["ranges"]
+    return [
         f"# int8 error budget, simulated ({args.tag})",
         "",
         f"Run `{run}`; reference: the trained float model on {description['count']} images "
-        f"({description['source']}); calibration: the default recipe ({len(calibration.paths)} images). "
-        "Simulation: edgetl.qat.QuantSim on the equalised int8 graph (equalize_for_int8); one run, deterministic.",
+        f"({description['source']}); calibration: the default recipe ({len(m['calibration'].paths)} images). "
+        "Simulation: edgetl.quantize.qat.QuantSim on the equalised int8 graph (equalize_for_int8); one run, "
+        "deterministic.",
         "",
         "| configuration | logit SQNR (dB) | agreement |",
         "|---|---|---|",
-        *[f"| {k} | {v['sqnr_db']:.1f} | {100 * v['agreement']:.2f}% |" for k, v in configurations.items()],
+        *[f"| {k} | {v['sqnr_db']:.1f} | {100 * v['agreement']:.2f}% |" for k, v in m["configurations"].items()],
         "",
         f"One activation tensor int8 at a time (weights float; every {args.stride}rd validation image, "
-        f"{len(subset)}): the {args.top} costliest of {len(alone)}. Their noise powers summed over all tensors "
+        f"{m['subset']}): the {args.top} costliest of {len(alone)}. Their noise powers summed over all tensors "
         f"would give {result['sum_of_one_tensor_noise_db']:.1f} dB.",
         "",
         "| tensor | calibrated range | logit SQNR (dB) |",
         "|---|---|---|",
-        *[f"| `{n}` | {sim.ranges[n][0]:.2f} .. {sim.ranges[n][1]:.2f} | {alone[n]['sqnr_db']:.1f} |"
-          for n in ranked[: args.top]],  # fmt: skip
+        *[f"| `{n}` | {ranges[n][0]:.2f} .. {ranges[n][1]:.2f} | {alone[n]['sqnr_db']:.1f} |"
+          for n in m["ranked"][: args.top]],  # fmt: skip
         "",
     ]
-    write_result(f"int8_error_budget_{args.tag}", result, "\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -62,11 +62,46 @@ def main() -> int:
     run = finished_run(args.run)
     if run is None:
         return 0
+    m = _measure(run)
+    names, alone, ranked, worst = m["names"], m["alone"], m["ranked"], m["worst"]
+    result = {
+        "run": str(run),
+        "data": m["description"],
+        "layers": len(names),
+        "agreement_all_int8_weights": m["every"],
+        "agreement_one_layer_int8": {name: alone[name] for name in ranked[: args.top]},
+        "agreement_all_but_worst": m["all_but_worst"],
+        "worst_layer": worst,
+        "machine": machine(),
+    }
+    description = m["description"]
+    lines = [
+        f"# int8 weight sensitivity per layer ({args.tag})",
+        "",
+        f"Run `{run}`, {description['count']} images ({description['source']}). BN folded, per-channel "
+        "symmetric int8 weights, float activations; top-1 agreement with the float model.",
+        "",
+        f"- every layer int8: {100 * m['every']:.2f}%",
+        f"- every layer but `{worst['layer']}` int8: {100 * m['all_but_worst']:.2f}%",
+        "- worst single layers (only that layer int8): "
+        + ", ".join(f"`{n}` {100 * alone[n]:.2f}%" for n in ranked[: args.top]),
+        f"- `{worst['layer']}` channel {worst['channel']}: folded |w| max {worst['max_abs_folded_weight']:.1f} "
+        f"(median channel peak {worst['median_channel_peak']:.2f}), BN running_var {worst['running_var']:.2e}, "
+        f"folded bias {worst['folded_bias']:.1f}",
+        "",
+    ]
+    write_result(f"int8_layer_sensitivity_{args.tag}", result, "\n".join(lines))
+    return 0
+
+
+def _measure(run: Path) -> dict:
+    """Agreement with every layer's weights int8, with each layer alone int8, and without the worst one."""
     import torch
 
-    from edgetl.artifacts import read_manifest
-    from edgetl.parity import evaluation_set, torch_logits
-    from edgetl.train import load_checkpoint
+    from edgetl.data.heldout import evaluation_set
+    from edgetl.rundir import read_manifest
+    from edgetl.train.checkpoint import load_checkpoint
+    from edgetl.train.loop import torch_logits
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, _ = load_checkpoint(run)
@@ -88,14 +123,21 @@ def main() -> int:
     every = agreement(set(names))
     alone = {name: agreement({name}) for name in names}
     ranked = sorted(alone, key=alone.get)
-    worst = ranked[0]
-    all_but_worst = agreement(set(names) - {worst})
+    all_but_worst = agreement(set(names) - {ranked[0]})
     agreement(set())  # restore
+    return {"description": description, "names": names, "every": every, "alone": alone, "ranked": ranked,
+            "all_but_worst": all_but_worst, "worst": _worst_layer(layers, ranked[0])}  # fmt: skip
+
+
+def _worst_layer(layers: list, worst: str) -> dict:
+    """The worst layer's largest folded weight and the BatchNorm statistics behind it."""
+    import torch
+
     conv, bn = next((c, b) for n, c, b in layers if n == worst)
     _, folded = quantised_weight(conv, bn)
     peak = folded.abs().flatten(1).amax(1)
     channel = int(peak.argmax())
-    stats = {
+    return {
         "layer": worst,
         "channel": channel,
         "max_abs_folded_weight": float(peak.max()),
@@ -104,33 +146,6 @@ def main() -> int:
         "folded_bias": float((bn.bias[channel] - bn.weight[channel] * bn.running_mean[channel]
                               / torch.sqrt(bn.running_var[channel] + bn.eps)).detach()),  # fmt: skip
     }
-    result = {
-        "run": str(run),
-        "data": description,
-        "layers": len(names),
-        "agreement_all_int8_weights": every,
-        "agreement_one_layer_int8": {name: alone[name] for name in ranked[: args.top]},
-        "agreement_all_but_worst": all_but_worst,
-        "worst_layer": stats,
-        "machine": machine(),
-    }
-    lines = [
-        f"# int8 weight sensitivity per layer ({args.tag})",
-        "",
-        f"Run `{run}`, {description['count']} images ({description['source']}). BN folded, per-channel "
-        "symmetric int8 weights, float activations; top-1 agreement with the float model.",
-        "",
-        f"- every layer int8: {100 * every:.2f}%",
-        f"- every layer but `{worst}` int8: {100 * all_but_worst:.2f}%",
-        "- worst single layers (only that layer int8): "
-        + ", ".join(f"`{n}` {100 * alone[n]:.2f}%" for n in ranked[: args.top]),
-        f"- `{worst}` channel {channel}: folded |w| max {stats['max_abs_folded_weight']:.1f} (median channel peak "
-        f"{stats['median_channel_peak']:.2f}), BN running_var {stats['running_var']:.2e}, folded bias "
-        f"{stats['folded_bias']:.1f}",
-        "",
-    ]
-    write_result(f"int8_layer_sensitivity_{args.tag}", result, "\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

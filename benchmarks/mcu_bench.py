@@ -43,36 +43,18 @@ def main() -> int:
     if run is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from edgetl import tflm, vela
-    from edgetl.artifacts import read_manifest
-    from edgetl.parity import evaluation_set
-    from edgetl.targets import load_target
+    from edgetl.data.heldout import evaluation_set
+    from edgetl.package import tflm
 
-    manifest = read_manifest(run)
-    if "model_int8.tflite" not in manifest["files"]:
-        from edgetl.export import ExportConfig, export
-        from edgetl.parity import Thresholds
-
-        parity = load_target("mcu-tflm").parity
-        export(run, ExportConfig(thresholds=Thresholds(max_drop=parity.max_drop, min_agreement=parity.min_agreement)))
-        manifest = read_manifest(run)
+    manifest = _exported(run)
     finetune, export_stage, check = (manifest["stages"][k] for k in ("finetune", "export", "check"))
     model = run / "model_int8.tflite"
     spec = export_stage["artifacts"]["model_int8.tflite"]
-
     images, description, _, _ = evaluation_set(run, manifest, None)
     start = time.perf_counter()
     report = tflm.check_model(model, images.images, {k: spec[k] for k in ("input", "output")}, images.labels)
     tflm_seconds = time.perf_counter() - start
-
-    compiled = {}
-    for name in VELA_TARGETS:
-        target = load_target(name)
-        with tempfile.TemporaryDirectory() as tmp:
-            out, _, _, vela_report = vela.compile_model(model, Path(tmp), target.compile.args)
-            compiled[name] = {**vela_report.to_dict(), "model_bytes": out.stat().st_size,
-                              "args": list(target.compile.args)}  # fmt: skip
-
+    compiled = _vela(model)
     parity = check["artifacts"]["model_int8.tflite"]
     float_top1 = json.loads((run / "parity.json").read_text())["float"]["top1"]
     result = {
@@ -90,18 +72,57 @@ def main() -> int:
         "vela": compiled,
         "machine": machine(),
     }
+    write_result(f"mcu_bench_{args.tag}", result, "\n".join(_markdown(args.tag, run, result, report)))
+    return 0
+
+
+def _exported(run: Path) -> dict:
+    """The run's manifest, after exporting it with the mcu-tflm target's thresholds if it was not yet."""
+    from edgetl.config import export_config
+    from edgetl.pipeline import export_and_check
+    from edgetl.rundir import read_manifest
+    from edgetl.targets import load_target
+
+    manifest = read_manifest(run)
+    if "model_int8.tflite" not in manifest["files"]:
+        target = load_target("mcu-tflm")
+        export_and_check(run, export_config(None, int8=True, max_drop=target.parity.max_drop,
+                                            min_agreement=target.parity.min_agreement))  # fmt: skip
+        manifest = read_manifest(run)
+    return manifest
+
+
+def _vela(model: Path) -> dict:
+    from edgetl.package import vela
+    from edgetl.targets import load_target
+
+    compiled = {}
+    for name in VELA_TARGETS:
+        target = load_target(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            out, _, _, vela_report = vela.compile_model(model, Path(tmp), target.compile.args)
+            compiled[name] = {**vela_report.to_dict(), "model_bytes": out.stat().st_size,
+                              "args": list(target.compile.args)}  # fmt: skip
+    return compiled
+
+
+def _markdown(tag: str, run: Path, result: dict, report) -> list[str]:
+    finetune, description, compiled = result["training"], result["data"], result["vela"]
+    parity, float_top1 = result["int8"]["parity"], result["int8"]["float_top1"]
     ref, default = report.compared["litert_reference_kernels"], report.compared["litert_default_kernels"]
+    size = finetune["config"]["image_size"]
     lines = [
-        f"# MCU-size model: TFLite Micro and Vela ({args.tag})",
+        f"# MCU-size model: TFLite Micro and Vela ({tag})",
         "",
-        f"Run `{run}`: MobileNetV2 width {finetune['arch']['width']} at {finetune['config']['image_size']}x"
-        f"{finetune['config']['image_size']}, weights {finetune['config']['weights']}, val top-1 (PyTorch) "
-        f"{100 * finetune['val_top1']:.2f}%. Data: {description['source']} of `{description['root']}`, "
-        f"{description['count']} images. Machine: {result['machine']['cpu']} ({result['machine']['cpus']} CPUs).",
+        f"Run `{run}`: MobileNetV2 width {finetune['arch']['width']} at {size}x{size}, weights "
+        f"{finetune['config']['weights']}, val top-1 (PyTorch) {100 * finetune['val_top1']:.2f}%. Data: "
+        f"{description['source']} of `{description['root']}`, {description['count']} images. Machine: "
+        f"{result['machine']['cpu']} ({result['machine']['cpus']} CPUs).",
         "",
         "| int8 model | value |",
         "|---|---|",
-        f"| flash (model bytes = C array) | {result['int8']['bytes']:,} B (float32: {result['int8']['float32_bytes']:,} B) |",  # noqa: E501
+        f"| flash (model bytes = C array) | {result['int8']['bytes']:,} B (float32: "
+        f"{result['int8']['float32_bytes']:,} B) |",
         f"| top-1 float / int8 (LiteRT) | {100 * float_top1:.2f}% / {100 * parity['top1']:.2f}% |",
         f"| Δtop-1, agreement vs float | {parity['delta_top1_pp']:+.2f} pp, {100 * parity['agreement']:.2f}% |",
         f"| TFLM minimum arena | {report.arena_bytes:,} B (verified at size and size-16: {report.arena_verified}) |",
@@ -122,10 +143,8 @@ def main() -> int:
             f"{storage:,} B | {1000 * v['inference_time_s']:.2f} ms | {v['model_bytes']:,} B |"
         )
     versions = f"Vela {next(iter(compiled.values()))['vela_version']}, tflite-micro {report.version}"
-    lines += ["", f"{versions}. Vela's time is its performance model's estimate for the named system config, "
-              "not a measurement.", ""]  # fmt: skip
-    write_result(f"mcu_bench_{args.tag}", result, "\n".join(lines))
-    return 0
+    return lines + ["", f"{versions}. Vela's time is its performance model's estimate for the named system config, "
+                    "not a measurement.", ""]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def main() -> int:
 
     import numpy as np
 
-    from edgetl.data import discover, load_split
+    from edgetl.data.decode import load_split
+    from edgetl.data.folders import discover
     from edgetl.runtime.app import load_classifier
     from edgetl.runtime.model import TFLiteClassifier
     from edgetl.runtime.preprocess import load_image

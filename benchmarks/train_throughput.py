@@ -1,6 +1,6 @@
 """Training throughput (images/s) of edgetl's own training step, per phase.
 
-Feeds generated uint8 images through ``edgetl.train.train_one_epoch`` — the same augmentation,
+Feeds generated uint8 images through ``edgetl.train.finetune.train_one_epoch`` — the same augmentation,
 freeze logic and optimiser as ``edgetl finetune`` — and times whole epochs after one warm-up epoch.
 Writes ``results/train_throughput_<device>.{json,md}``.
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_result  # noqa: E402
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--width", type=float, default=1.0)
@@ -39,17 +39,32 @@ def main() -> int:
         "(the defaults then run in a separate process: a process's heap is not reset by mallopt)",
     )
     parser.add_argument("--json-out", default=None, help=argparse.SUPPRESS)  # the --heap glibc child's result
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> int:
+    args = _args()
+    device, phases = _measure(args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(phases))
+        return 0
+    _report(args, device, phases)
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> tuple[object, dict]:
+    """images/s of each phase setup (and, with --heap both on the CPU, glibc's defaults in a child)."""
     import numpy as np
     import torch
 
     from edgetl.config import FinetuneConfig
-    from edgetl.data import LoadedSplit
-    from edgetl.hostmem import glibc, retained_heap
-    from edgetl.model import EdgeClassifier, default_unfreeze_from, set_trainable
+    from edgetl.data.decode import LoadedSplit
     from edgetl.runtime.preprocess import PreprocessSpec
-    from edgetl.train import build_optimizer, resolve_device, train_one_epoch
+    from edgetl.train.cpu_heap import glibc, retained_heap
+    from edgetl.train.finetune import resolve_device
+    from edgetl.train.loop import train_one_epoch
+    from edgetl.train.model import EdgeClassifier, default_unfreeze_from, set_train_mode, set_trainable
+    from edgetl.train.optim import build_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,30 +84,33 @@ def main() -> int:
 
     # (name, phase, first trained block): the defaults' two phases, and phase 2 over the whole backbone
     setups = [("phase1", 1, cut), ("phase2", 2, cut), ("phase2_all", 2, 0)]
-    phases = {}
-    if device.type == "cpu" and glibc() is not None and args.heap == "both":
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "glibc.json"
-            argv = [a for a in sys.argv[1:] if not a.startswith("--heap")]
-            subprocess.run([sys.executable, __file__, *argv, "--heap", "glibc", "--json-out", str(out)], check=True)
-            phases.update({f"{k}_glibc_defaults": v for k, v in json.loads(out.read_text()).items()})
+    phases = _glibc_defaults(args) if device.type == "cpu" and glibc() is not None and args.heap == "both" else {}
     with retained_heap(args.heap != "glibc"):
         for name, phase, first in setups:
             set_trainable(model, phase, first)
             optimizer, scheduler = build_optimizer(model, cfg, phase, first, steps)
             rates = []
             for epoch in range(args.epochs + 1):  # the first epoch warms up and is not counted
-                stats = train_one_epoch(
-                    model, split, on_device, cfg, phase, first, optimizer, scheduler, device, epoch, name,
-                )  # fmt: skip
+                set_train_mode(model, phase, first, cfg.bn)
+                stats = train_one_epoch(model, on_device, split.labels, cfg, optimizer, scheduler, device, epoch,
+                                        desc=name)  # fmt: skip
                 if epoch:
                     rates.append(stats["images_per_s"])
             phases[name] = {"images_per_s_median": statistics.median(rates), "runs": rates}
     phases["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(phases))
-        return 0
+    return device, phases
 
+
+def _glibc_defaults(args: argparse.Namespace) -> dict:
+    """The same measurement with glibc's malloc defaults, in a separate process (mallopt is not undone)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "glibc.json"
+        argv = [a for a in sys.argv[1:] if not a.startswith("--heap")]
+        subprocess.run([sys.executable, __file__, *argv, "--heap", "glibc", "--json-out", str(out)], check=True)
+        return {f"{k}_glibc_defaults": v for k, v in json.loads(out.read_text()).items()}
+
+
+def _report(args: argparse.Namespace, device: object, phases: dict) -> None:
     info = machine()
     info["device"] = str(device)
     result = {"machine": info, "settings": vars(args), "phases": phases}
@@ -104,8 +122,8 @@ def main() -> int:
         f"MobileNetV2 width {args.width}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
         f"{args.images} generated images per epoch; median of {args.epochs} epochs after a warm-up epoch.",
         "",
-        "Heap: kept for reuse, as `edgetl finetune` trains on the CPU (edgetl.hostmem), or glibc's defaults (measured",
-        "in a separate process).",
+        "Heap: kept for reuse, as `edgetl finetune` trains on the CPU (edgetl.train.cpu_heap), or glibc's defaults",
+        "(measured in a separate process).",
         "",
         "| phase | images/s | glibc defaults |",
         "|---|---|---|",
@@ -120,7 +138,6 @@ def main() -> int:
     lines += ["", f"Peak resident memory of the process: {phases['peak_rss_mib']:.0f} MiB"
               + (f" ({default_rss:.0f} MiB with glibc's defaults)." if default_rss else ".")]  # fmt: skip
     write_result(f"train_throughput_{device.type}", result, "\n".join(lines) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

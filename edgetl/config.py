@@ -10,10 +10,21 @@ CLI options default to ``None`` and only the ones a user gave override.
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from edgetl.errors import ConfigError
+
+
+def data_dir(name: str) -> Path:
+    """A data folder shipped with edgetl (``calib``, ``targets``): the source checkout's, or the
+    installed copy under ``<prefix>/share/edgetl``."""
+    checkout = Path(__file__).resolve().parents[1] / name
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "edgetl" / name
 
 
 def check_keys(given: dict[str, Any], valid: set[str], where: str) -> None:
@@ -115,3 +126,87 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The parity gate: what an exported model may lose against the float model."""
+
+    max_drop: float = 1.0  # percentage points of top-1 an artifact may lose against float
+    min_agreement: float = 0.98  # share of images whose top-1 must equal the float model's
+
+    def __post_init__(self) -> None:
+        if not (self.max_drop >= 0 and 0 <= self.min_agreement <= 1):
+            raise ConfigError("--max-drop must be >= 0 and --min-agreement within 0..1")
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_drop": self.max_drop, "min_agreement": self.min_agreement}
+
+    def passes(self, metrics: dict[str, Any]) -> bool:
+        """Whether an artifact's metrics (from :func:`edgetl.check.metrics.compare`) meet these thresholds."""
+        return bool(metrics["delta_top1_pp"] >= -self.max_drop and metrics["agreement"] >= self.min_agreement)
+
+    @classmethod
+    def build(cls, max_drop: float | None = None, min_agreement: float | None = None) -> Thresholds:
+        """The defaults, with the given values (None: keep the default)."""
+        defaults = cls()
+        return cls(max_drop=defaults.max_drop if max_drop is None else max_drop,
+                   min_agreement=defaults.min_agreement if min_agreement is None else min_agreement)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``edgetl export`` builds and how the pipeline judges it."""
+
+    int8: bool = True  # also produce the full-integer model
+    calib: str = "default"  # calibration recipe: a name in calib/ or a .toml path
+    calib_dir: str | None = None  # the user's own calibration images instead of a recipe
+    opset: int = 17  # ONNX opset
+    float_tolerance: float = 1e-4  # max abs logit difference of float exports vs PyTorch
+    verify_images: int = 64  # validation images used for that float check
+    remedies: bool = True  # when int8 fails parity: diagnose and try remedies
+    bias_correction: bool | None = None  # None: the recipe decides (on by default)
+    equalize: bool = True  # int8: equalise activation ranges in its weights first (edgetl.quantize.equalize)
+    converter: str = "direct"  # TFLite route: "direct" (edgetl.export.tf_graph) or "onnx2tf"
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Quantisation-aware fine-tuning (``edgetl qat``)."""
+
+    epochs: int = 3
+    lr: float = 1e-5  # AdamW, every layer, cosine decay to 0 over the epochs
+    calib: str = "default"  # recipe for the activation ranges (the export's default too)
+    consistency: float = 0.0  # weight of KL(float predictions || simulated int8 predictions) in the loss
+    distill: float = 4.0  # weight of KL(original model's predictions || simulated int8 predictions), T = 2
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("qat: --epochs must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError("qat: --lr must be > 0")
+        if self.consistency < 0:
+            raise ConfigError("qat: --consistency must be >= 0")
+        if self.distill < 0:
+            raise ConfigError("qat: --distill must be >= 0")
+
+
+# ----------------------------------------------------------------------------- from a target
+
+
+def finetune_layer(target: Any) -> dict[str, Any]:
+    """What a target decides about training (input size, width): the layer between the defaults and
+    the flags in :meth:`FinetuneConfig.build`."""
+    return {"image_size": target.input.size, "width": target.model.width}
+
+
+def export_config(target: Any | None, *, int8: bool | None, max_drop: float | None, min_agreement: float | None,
+                  **settings: Any) -> ExportConfig:  # fmt: skip
+    """An :class:`ExportConfig`. Precedence, highest on the right: defaults < target < flags (None: not given)."""
+    if target is not None:
+        int8 = target.precision in ("int8", "int16x8") if int8 is None else int8
+        max_drop = target.parity.max_drop if max_drop is None else max_drop
+        min_agreement = target.parity.min_agreement if min_agreement is None else min_agreement
+    return ExportConfig(int8=True if int8 is None else int8, thresholds=Thresholds.build(max_drop, min_agreement),
+                        **settings)  # fmt: skip

@@ -1,6 +1,6 @@
 """``edgetl demo``: the whole pipeline on an embedded default, small enough for a laptop CPU.
 
-Generates the shapes dataset (:mod:`edgetl.synth`) unless a folder is given, resolves ImageNet
+Generates the shapes dataset (:mod:`edgetl.data.synthetic`) unless a folder is given, resolves ImageNet
 weights if it can (else says loudly that it trains from scratch, and why), fine-tunes, exports to
 ONNX / TFLite float32 / int8, checks parity, packages a bundle for ``rpi4-cpu-96`` and classifies a
 few held-out images with the bundle through the device runtime.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.config import FinetuneConfig
-from edgetl.errors import EdgetlError, WeightsError
+from edgetl.errors import EdgetlError, ExitCode, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -55,41 +55,16 @@ class DemoResult:
             "notes": self.notes,
         }
 
-    def summary(self) -> str:
-        ft = self.finetune
-        lines = [
-            f"data:      {self.data}",
-            f"weights:   {self.weights}",
-            f"run:       {self.run_dir}  (model.pt, metrics.json, training.png, confusion.png, "
-            "manifest.json)",
-            f"val top-1: {100 * ft['best_val_acc']:.1f}% (head only: "
-            f"{100 * (ft['phase1_val_acc'] or 0):.1f}%)",
-        ]
-        if ft.get("test_acc") is not None:
-            lines.append(f"test top-1: {100 * ft['test_acc']:.1f}% (held-out generated test split)")
-        if self.export:
-            for name, p in self.export["parity"].items():
-                lines.append(
-                    f"export:    {name:<21} top-1 {100 * p['top1']:.1f}%  Δ {p['delta_top1_pp']:+.2f} pp  "
-                    f"agreement {100 * p['agreement']:.1f}%  {'pass' if p['passed'] else 'FAIL'}"
-                )
-            for r in self.export["remedies"]:
-                if "passed" in r:
-                    lines.append(f"remedy:    {r['remedy']}: {'pass' if r['passed'] else 'fail'}")
-            lines.append(f"parity:    {self.run_dir / 'parity.md'}")
-        if self.bundle:
-            lines.append(f"bundle:    {self.bundle['archive']} ({self.bundle['archive_bytes']:,} bytes, "
-                         f"sha256 {self.bundle['archive_sha256'][:16]}…)")  # fmt: skip
-            for p in self.predictions:
-                lines.append(f"device:    {Path(p['source']).name} (true: {p['true']}) -> {p['label']} "
-                             f"{p['score']:.2f}  {p['latency_ms']:.1f} ms")  # fmt: skip
-        lines += [f"note:      {note}" for note in self.notes]
-        return "\n".join(lines)
+    @property
+    def exit_code(self) -> ExitCode:
+        """3 when an export failed parity (the bundle is then not made)."""
+        failed = self.export is not None and not self.export["parity_passed"]
+        return ExitCode.PARITY_FAILED if failed else ExitCode.OK
 
 
 def resolve_demo_weights(candidate: str | None) -> tuple[str, str | None]:
     """Return (weights, note): the candidate if it can be loaded, else "none" and why."""
-    from edgetl.model import EdgeClassifier, load_initial_weights
+    from edgetl.train.model import EdgeClassifier, load_initial_weights
 
     candidate = candidate or "imagenet"
     if candidate == "none":
@@ -115,8 +90,8 @@ def run_demo(
     """
     import shutil
 
-    from edgetl import synth
-    from edgetl.train import finetune
+    from edgetl.data import synthetic as synth
+    from edgetl.train.finetune import finetune
 
     out_dir = Path(out_dir)
     data_dir = Path(data) if data else synth.generate(out_dir / "data", **DEMO_DATA)
@@ -137,15 +112,15 @@ def run_demo(
     elif importlib.util.find_spec("tensorflow") is None:
         notes.append('export skipped: pip install "edgetl[export]" for ONNX / TFLite export and parity')
     else:
-        from edgetl.export import ExportConfig, export
-        from edgetl.parity import Thresholds
+        from edgetl.config import export_config
+        from edgetl.pipeline import export_and_check
 
         # gated as `edgetl export --target` gates: with the thresholds of the target it packages for
-        thresholds = Thresholds(target.parity.max_drop, target.parity.min_agreement)
-        exported = export(run_dir, ExportConfig(thresholds=thresholds)).to_dict()
+        cfg = export_config(target, int8=True, max_drop=None, min_agreement=None)
+        exported = export_and_check(run_dir, cfg).to_dict()
     bundle, predictions = None, []
     if exported and exported["parity_passed"]:
-        from edgetl.package import package
+        from edgetl.package.bundle import package
 
         packaged = package(run_dir, target)
         bundle = packaged.to_dict()

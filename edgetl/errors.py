@@ -69,6 +69,36 @@ class OpsOnCPU(EdgetlError):
     exit_code = ExitCode.ACCELERATOR_FALLBACK
 
 
+class ExportError(EdgetlError):
+    """A conversion failed or produced a model that does not match what it claims to be."""
+
+
+class ParityRefused(EdgetlError):
+    """``package``: the artifact failed parity, or its verdict rests on too little evidence."""
+
+    exit_code = ExitCode.PARITY_FAILED
+
+
+class ConstraintViolated(EdgetlError):
+    """A model breaks a target's limits (size, input, arena, flash)."""
+
+    exit_code = ExitCode.CONSTRAINT_VIOLATED
+
+
+class TFLMUnsupported(EdgetlError):
+    """TFLite Micro cannot run the model (an op without a kernel, or no arena fits)."""
+
+    exit_code = ExitCode.CONSTRAINT_VIOLATED
+
+
+class CompilerFailed(EdgetlError):
+    """edgetpu_compiler ran and failed."""
+
+
+class VelaFailed(EdgetlError):
+    """Vela ran and did not produce a model."""
+
+
 class Interrupted(EdgetlError):
     """The user pressed Ctrl-C; state was saved and the run can be resumed."""
 

@@ -13,20 +13,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgetl.calib import data_dir
-from edgetl.config import check_keys
+from edgetl.config import check_keys, data_dir
 from edgetl.errors import ConfigError, first_line
+from edgetl.rundir import ARTIFACTS
 
 RUNTIMES = ("litert", "onnxruntime", "tflm")
 DELEGATES = ("none", "xnnpack", "edgetpu", "ethos-u")
 KINDS = ("cpu", "accelerator", "mcu")
 COMPILERS = ("", "edgetpu_compiler", "vela")
-ARTIFACT_PRECISION = {
-    "model.onnx": "float32",
-    "model_float32.tflite": "float32",
-    "model_int8.tflite": "int8",
-    "model_int16x8.tflite": "int16x8",
-}
+ARTIFACT_PRECISION = {name: precision for name, (_, precision) in ARTIFACTS.items()}
 
 
 @dataclass(frozen=True)

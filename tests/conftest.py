@@ -55,7 +55,7 @@ def _isolated_env(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> Path:
-    from edgetl import synth
+    from edgetl.data import synthetic as synth
 
     root = tmp_path_factory.mktemp("toy") / "data"
     return synth.generate(root, classes=TOY_CLASSES, per_class=16, size=40, seed=3, test_per_class=4)
@@ -65,7 +65,7 @@ def toy_data(tmp_path_factory) -> Path:
 def toy_run(toy_data, tmp_path_factory):
     """The toy fine-tune, run once: (FinetuneResult, run_dir)."""
     from edgetl.config import FinetuneConfig
-    from edgetl.train import finetune
+    from edgetl.train.finetune import finetune
 
     run_dir = tmp_path_factory.mktemp("toy-run") / "run"
     result = finetune(toy_data, run_dir, FinetuneConfig.build(TOY_CONFIG))
@@ -81,9 +81,9 @@ def learned_run(tmp_path_factory):
     """
     if not SHARED_WEIGHTS.is_file():
         pytest.skip(f"needs the ImageNet backbone at {SHARED_WEIGHTS}")
-    from edgetl import synth
     from edgetl.config import FinetuneConfig
-    from edgetl.train import finetune
+    from edgetl.data import synthetic as synth
+    from edgetl.train.finetune import finetune
 
     base = tmp_path_factory.mktemp("learned")
     data = synth.generate(
@@ -128,7 +128,7 @@ def mobilenet_with_real_bn_statistics(width: float = 0.35, num_classes: int = 3)
     """A small untrained EdgeClassifier whose BatchNorms are not identities (and whose logits are not ~0)."""
     import torch
 
-    from edgetl.model import EdgeClassifier
+    from edgetl.train.model import EdgeClassifier
 
     torch.manual_seed(0)
     model = EdgeClassifier(num_classes=num_classes, width=width).eval()
@@ -156,8 +156,8 @@ def exported_run(learned_run, tmp_path_factory, netguard_log):
     nearly one class, so any int8 model "agrees" with it), hence the ImageNet-initialised run.
     """
     pytest.importorskip("tensorflow", reason="needs the export extra")
-    from edgetl.export import ExportConfig, export
-    from edgetl.parity import Thresholds
+    from edgetl.config import ExportConfig, Thresholds
+    from edgetl.pipeline import export_and_check as export
 
     run_dir = copy_run(learned_run[1], tmp_path_factory.mktemp("export") / "run")
     # 32 validation images and a 4-epoch model: one flipped image costs 3 points of agreement, so the
@@ -168,7 +168,7 @@ def exported_run(learned_run, tmp_path_factory, netguard_log):
 def interrupt_toy_run(monkeypatch, data, run_dir, at_epoch: int = 3) -> None:
     """Start the toy fine-tune in ``run_dir`` and Ctrl-C it as epoch ``at_epoch`` begins; the real
     epoch function is restored afterwards, so the run can be resumed."""
-    import edgetl.train as train_module
+    import edgetl.train.finetune as train_module
     from edgetl.config import FinetuneConfig
     from edgetl.errors import Interrupted
 

@@ -133,7 +133,7 @@ def mounted_tmpfs(where: Path, size_kb: int, fill_from: Path | None = None, read
 
 def hold_lock(folder: Path, command: str = "export") -> subprocess.Popen:
     """Another process holding ``folder``'s run lock until it is killed."""
-    code = ("import sys, time\nfrom edgetl.artifacts import run_lock\n"
+    code = ("import sys, time\nfrom edgetl.rundir import run_lock\n"
             f"with run_lock(sys.argv[1], {command!r}):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,

@@ -12,8 +12,10 @@ import textwrap
 import pytest
 from conftest import REPO
 
-from edgetl import synth
-from edgetl.artifacts import (
+from edgetl.config import FinetuneConfig
+from edgetl.data import synthetic as synth
+from edgetl.errors import ConfigError, RunDirError
+from edgetl.rundir import (
     MANIFEST_NAME,
     atomic_path,
     atomic_write,
@@ -21,8 +23,6 @@ from edgetl.artifacts import (
     update_manifest,
     verify_files,
 )
-from edgetl.config import FinetuneConfig
-from edgetl.errors import ConfigError, RunDirError
 
 
 def test_atomic_write_replaces_whole_files(tmp_path):
@@ -51,7 +51,7 @@ def test_sigkill_mid_write_leaves_no_trusted_half_file(tmp_path):
     code = textwrap.dedent(
         f"""
         import os, signal
-        from edgetl.artifacts import atomic_path
+        from edgetl.rundir import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(b"x" * 1_000_000)

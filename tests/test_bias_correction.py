@@ -1,11 +1,11 @@
-"""Bias correction of quantised TFLite models (edgetl.bias_correction)."""
+"""Bias correction of quantised TFLite models (edgetl.quantize.bias_correction)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgetl.bias_correction import expected_error, tap_means
+from edgetl.quantize.bias_correction import expected_error, tap_means
 
 
 def _conv_mean_bruteforce(x, w, stride, dilation, same):
@@ -100,7 +100,7 @@ def _outputs(model, images):
 
 
 def test_correction_removes_the_mean_error_of_a_quantised_model(tiny_models):
-    from edgetl.bias_correction import correct
+    from edgetl.quantize.bias_correction import correct
 
     float_path, int8_model, images = tiny_models
     corrected, summary = correct(int8_model, float_path, images[:32])
@@ -113,7 +113,7 @@ def test_correction_removes_the_mean_error_of_a_quantised_model(tiny_models):
 
 
 def test_models_that_do_not_pair_are_left_alone(tiny_models, tmp_path):
-    from edgetl.bias_correction import NotCorrectable, correct
+    from edgetl.quantize.bias_correction import NotCorrectable, correct
 
     float_path, int8_model, images = tiny_models
     with pytest.raises(NotCorrectable):
@@ -131,7 +131,7 @@ def _other_model(tmp_path):
 
 
 def test_output_correction_removes_the_mean_error_at_the_output(tiny_models):
-    from edgetl.bias_correction import correct_output
+    from edgetl.quantize.activation_correction import correct_output
 
     float_path, int8_model, images = tiny_models
     corrected, summary = correct_output(int8_model, float_path, images[:32])
@@ -143,7 +143,7 @@ def test_output_correction_removes_the_mean_error_at_the_output(tiny_models):
 
 
 def test_output_correction_quantises_the_input_of_an_int16x8_model(tiny_models):
-    from edgetl.bias_correction import correct_output, outputs
+    from edgetl.quantize.activation_correction import correct_output, outputs
 
     float_path, _, images = tiny_models
     model = TINY_INT16X8[-1]
@@ -183,7 +183,8 @@ def _output_behind_an_activation(tmp_path):
 
 
 def test_output_correction_refuses_an_output_behind_an_activation(tmp_path):
-    from edgetl.bias_correction import NotCorrectable, correct_output
+    from edgetl.quantize.activation_correction import correct_output
+    from edgetl.quantize.bias_correction import NotCorrectable
 
     float_path, int8_model, images = _output_behind_an_activation(tmp_path)
     with pytest.raises(NotCorrectable, match="fused activation"):
@@ -194,7 +195,7 @@ def test_sequential_correction_leaves_no_layer_shifted(tiny_models):
     """Each layer is measured with the layers before it already corrected: correcting both layers from
     one measurement of the uncorrected model would remove the first layer's shift twice from the second
     (once at the first layer, once inherited), and leave the second shifted the other way."""
-    from edgetl.bias_correction import correct_sequential, layer_shifts
+    from edgetl.quantize.activation_correction import correct_sequential, layer_shifts
 
     float_path, int8_model, images = tiny_models
     before = layer_shifts(int8_model, float_path, images[32:])  # held out from the correction
@@ -206,7 +207,8 @@ def test_sequential_correction_leaves_no_layer_shifted(tiny_models):
 
 
 def test_sequential_correction_refuses_models_that_do_not_pair(tiny_models, tmp_path):
-    from edgetl.bias_correction import NotCorrectable, correct_sequential
+    from edgetl.quantize.activation_correction import correct_sequential
+    from edgetl.quantize.bias_correction import NotCorrectable
 
     float_path, int8_model, images = tiny_models
     with pytest.raises(NotCorrectable):
@@ -219,7 +221,7 @@ def test_correcting_a_layer_leaves_a_layer_that_shared_its_bias_buffer_alone(tmp
     tf = pytest.importorskip("tensorflow", reason="needs the export extra")
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from edgetl.bias_correction import _buffer, _weighted_ops, correct
+    from edgetl.quantize.bias_correction import buffer, correct, weighted_ops
 
     tf.keras.utils.set_random_seed(0)
     inputs = tf.keras.Input((8, 8, 2), batch_size=1)
@@ -235,9 +237,9 @@ def test_correcting_a_layer_leaves_a_layer_that_shared_its_bias_buffer_alone(tmp
     def biases(content):
         tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
         graph = tree.subgraphs[0]
-        ops = [op for _, op in _weighted_ops(tree)]
+        ops = [op for _, op in weighted_ops(tree)]
         return [graph.tensors[op.inputs[2]].buffer for op in ops], [
-            _buffer(tree, graph.tensors[op.inputs[2]], np.int32) for op in ops]  # fmt: skip
+            buffer(tree, graph.tensors[op.inputs[2]], np.int32) for op in ops]  # fmt: skip
 
     shared, _ = biases(quantized)
     assert shared[0] == shared[1]  # the situation under test
@@ -248,7 +250,7 @@ def test_correcting_a_layer_leaves_a_layer_that_shared_its_bias_buffer_alone(tmp
 
 
 def test_activation_correction_keeps_the_candidate_best_on_held_out_images(tiny_models):
-    from edgetl.bias_correction import correct_activations, outputs
+    from edgetl.quantize.activation_correction import correct_activations, outputs
 
     float_path, int8_model, images = tiny_models
     corrected, summary = correct_activations(int8_model, float_path, images, count=16, held_out_count=24)
@@ -265,7 +267,7 @@ def test_activation_correction_keeps_the_candidate_best_on_held_out_images(tiny_
 def test_activation_correction_without_an_output_correction(tmp_path):
     """A model whose output comes through an activation cannot have its output layer corrected alone;
     the other candidates are still weighed."""
-    from edgetl.bias_correction import correct_activations
+    from edgetl.quantize.activation_correction import correct_activations
 
     float_path, int8_model, images = _output_behind_an_activation(tmp_path)
     _, summary = correct_activations(int8_model, float_path, images)

@@ -9,9 +9,9 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from edgetl.artifacts import read_manifest
-from edgetl.c_array import c_sources
 from edgetl.cli import main
+from edgetl.package.c_source import c_sources
+from edgetl.rundir import read_manifest
 from edgetl.targets import load_target
 
 MAIN_C = r"""

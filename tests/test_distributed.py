@@ -10,14 +10,14 @@ import sys
 import torch
 from conftest import interrupt_toy_run
 
-from edgetl.artifacts import read_manifest, verify_files
-from edgetl.cli import _without_option
-from edgetl.train import STATE_PATH
+from edgetl.cli.commands import without_option
+from edgetl.rundir import read_manifest, verify_files
+from edgetl.train.checkpoint import STATE_PATH
 
 
 def test_nproc_is_removed_from_the_relaunched_command():
     argv = ["-q", "finetune", "d", "--nproc", "2", "--out", "r", "--nproc=3", "--json"]
-    assert _without_option(argv, "--nproc") == ["-q", "finetune", "d", "--out", "r", "--json"]
+    assert without_option(argv, "--nproc") == ["-q", "finetune", "d", "--out", "r", "--json"]
 
 
 def test_two_processes_resume_a_run_and_only_rank_0_writes(toy_data, tmp_path, monkeypatch):

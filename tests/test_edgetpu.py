@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetl.artifacts import read_manifest
 from edgetl.cli import main
-from edgetl.edgetpu import MAPPED, parse_log
+from edgetl.package.edgetpu import MAPPED, parse_log
+from edgetl.rundir import read_manifest
 from edgetl.targets import load_target
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edgetpu"

@@ -13,16 +13,18 @@ import torch
 from click.testing import CliRunner
 from conftest import copy_run
 
-from edgetl.artifacts import read_manifest, verify_files
-from edgetl.calib import CalibRecipe, calibration_set, data_dir, load_recipe
+from edgetl.check.runners import runner_for
 from edgetl.cli import main
-from edgetl.data import discover
+from edgetl.config import data_dir
+from edgetl.data.folders import discover
 from edgetl.errors import ConfigError, DataError
-from edgetl.parity import runner_for
+from edgetl.quantize.recipes import CalibRecipe, calibration_set, load_recipe
+from edgetl.quantize.tflite_facts import inspect_tflite, size_breakdown
+from edgetl.rundir import read_manifest, verify_files
 from edgetl.runtime.preprocess import PreprocessSpec
 from edgetl.targets import load_target
-from edgetl.tflite_inspect import inspect_tflite, size_breakdown
-from edgetl.train import load_checkpoint, predict_logits
+from edgetl.train.checkpoint import load_checkpoint
+from edgetl.train.loop import predict_logits
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +37,7 @@ def test_int8_model_is_full_integer_with_raw_pixel_input(exported_run):
     assert (facts.input.scale, facts.input.zero_point) == (1.0, 0)  # raw pixels, norm in the graph
     assert facts.output.dtype == "int8" and facts.output.scale > 0
     assert facts.float_tensors == []
-    # MobileNetV2's 52 convolutions and the normalisation, a 1x1 depthwise convolution (edgetl.tf_graph)
+    # MobileNetV2's 52 convolutions and the normalisation, a 1x1 depthwise convolution (edgetl.export.tf_graph)
     assert facts.conv_weights == 53 and facts.per_tensor_conv_weights == []
     assert set(facts.tensor_dtypes) <= {"int8", "uint8", "int32"}
     assert facts.full_integer_problems() == []
@@ -49,7 +51,7 @@ def test_size_breakdown_accounts_for_per_channel_parameters(exported_run):
     assert int8["weights"] * 4 == float32["weights"] > 0  # same weights, one byte each instead of four
     assert int8["biases"] == float32["biases"] > 0  # int32 and float32 biases
     # every conv/FC output channel has a weight and a bias scale (float32), stored per tensor; their
-    # int64 zero points (all 0) are stored once per length (edgetl.tflite_compact): 24 bytes per channel
+    # int64 zero points (all 0) are stored once per length (edgetl.export.tflite_dedup): 24 bytes per channel
     # as the converter writes them, 8 here
     channels = int8["biases"] // 4
     assert 8 * channels <= int8["quantization_parameters"] < 12 * channels
@@ -62,7 +64,7 @@ def test_int8_model_is_built_from_the_relu_equalised_graph(exported_run):
     divided by the channel's ReLU6 equalisation factor (>= 1, > 1 where the stem's channel was narrow)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from edgetl.tf_graph import fold
+    from edgetl.train.layers import fold
 
     _, run_dir = exported_run
     model, _ = load_checkpoint(run_dir)
@@ -95,7 +97,7 @@ def test_float_exports_match_pytorch_within_1e_4(exported_run):
     _, run_dir = exported_run
     model, checkpoint = load_checkpoint(run_dir)
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
-    from edgetl.data import load_split
+    from edgetl.data.decode import load_split
 
     root = read_manifest(run_dir)["stages"]["finetune"]["data"]["root"]
     val = load_split(discover(root).val, spec.resize_size, spec, eval_crop=True)
@@ -233,7 +235,7 @@ def test_blank_calibration_fails_parity_with_exit_3_and_a_diagnosis(learned_run,
     assert bundle_manifest["forced"] is True and bundle_manifest["parity"]["passed_for_target"] is False
 
     # A remedy that broke (e.g. an int16x8 model the interpreter refuses) is reported, not a crash.
-    from edgetl.parity import record_remedies
+    from edgetl.check.remedies import record_remedies
 
     record_remedies(run_dir, [{"remedy": "16-bit activations", "passed": False, "error": "failed to prepare"}])
     assert "- 16-bit activations: failed to run: failed to prepare" in (run_dir / "parity.md").read_text()

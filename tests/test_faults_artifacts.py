@@ -61,7 +61,7 @@ from faults import (
     wait_for,
 )
 
-from edgetl.artifacts import read_manifest
+from edgetl.rundir import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -265,7 +265,7 @@ def test_calibration_copy_of_a_validation_image_re_encoded(toy_run, tmp_path):
     """E1"""
     from PIL import Image
 
-    from edgetl.data import discover
+    from edgetl.data.folders import discover
 
     run = copy_run(toy_run[1], tmp_path / "run")
     first_val = discover(read_manifest(run)["stages"]["finetune"]["data"]["root"], 0.2, 0).val[0].path
@@ -284,7 +284,7 @@ def test_killing_the_export_kills_its_converter(toy_run, tmp_path):
     proc = spawn("export", str(run), "--no-int8")
 
     def converter() -> list[int]:
-        return [pid for pid in children(proc.pid) if "tflite_convert" in _cmdline(pid)]
+        return [pid for pid in children(proc.pid) if "tflite_process" in _cmdline(pid)]
 
     wait_for(lambda: converter() or proc.poll() is not None, what="the converter process")
     orphans = converter()

@@ -61,7 +61,7 @@ from faults import (
     wait_for,
 )
 
-from edgetl.artifacts import read_manifest
+from edgetl.rundir import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +186,7 @@ def test_diverging_training_stops_with_nothing_saved(toy_data, tmp_path):
 
 def test_divergence_in_epoch_2_keeps_the_epoch_1_checkpoint(toy_data, tmp_path, monkeypatch):
     """T2"""
-    import edgetl.train as train_module
+    import edgetl.train.finetune as train_module
 
     real = train_module.train_one_epoch
     calls = {"n": 0}
@@ -284,7 +284,7 @@ def test_a_held_run_is_refused(toy_run, toy_data, tmp_path, command):
 
 def test_the_lock_of_a_killed_holder_is_free(toy_run, tmp_path):
     """L4"""
-    from edgetl.artifacts import run_lock
+    from edgetl.rundir import run_lock
 
     run = copy_run(toy_run[1], tmp_path / "run")
     kill(hold_lock(run))

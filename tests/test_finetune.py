@@ -10,12 +10,14 @@ import torch
 from click.testing import CliRunner
 from conftest import TOY_CLASSES, TOY_CONFIG, interrupt_toy_run
 
-from edgetl import train as train_module
-from edgetl.artifacts import read_manifest, verify_files
 from edgetl.cli import main
 from edgetl.config import FinetuneConfig
 from edgetl.errors import ConfigError, RunDirError
-from edgetl.train import STATE_PATH, finetune, load_checkpoint, predict_logits
+from edgetl.rundir import read_manifest, verify_files
+from edgetl.train import finetune as train_module
+from edgetl.train.checkpoint import STATE_PATH, load_checkpoint
+from edgetl.train.finetune import finetune
+from edgetl.train.loop import predict_logits
 
 pytestmark = pytest.mark.slow
 RUN_FILES = {"model.pt", "labels.txt", "history.csv", "metrics.json", "training.png", "confusion.png"}
@@ -59,7 +61,8 @@ def test_checkpoint_reloads_to_the_reported_accuracy(toy_run, toy_data):
     result, run_dir = toy_run
     model, checkpoint = load_checkpoint(run_dir)
     assert checkpoint["labels"] == list(TOY_CLASSES)
-    from edgetl.data import discover, load_split
+    from edgetl.data.decode import load_split
+    from edgetl.data.folders import discover
     from edgetl.runtime.preprocess import PreprocessSpec
 
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])

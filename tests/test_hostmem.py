@@ -1,4 +1,4 @@
-"""edgetl.hostmem: inside retained_heap, freed blocks are reused instead of being mapped afresh."""
+"""edgetl.train.cpu_heap: inside retained_heap, freed blocks are reused instead of being mapped afresh."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import resource
 import numpy as np
 import pytest
 
-from edgetl.hostmem import glibc, retained_heap
+from edgetl.train.cpu_heap import glibc, retained_heap
 
 pytestmark = pytest.mark.skipif(glibc() is None, reason="needs glibc (mallopt)")
 

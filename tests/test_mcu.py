@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgetl.artifacts import read_manifest
 from edgetl.cli import main
+from edgetl.rundir import read_manifest
 from edgetl.targets import load_target
 
 pytest.importorskip("tflite_micro", reason="needs the mcu extra (tflite-micro)")
@@ -94,7 +94,7 @@ def test_tflm_runs_every_op_and_measures_the_minimum_arena(mcu_bundle):
 
 def test_tflm_arena_is_independently_reproducible(mcu_bundle):
     """Run the worker at the reported arena and 16 bytes below it, outside edgetl's own check."""
-    from edgetl.tflm import _run
+    from edgetl.package.tflm import _run
 
     run_dir, _, report, _ = mcu_bundle
     arena = report["tflm"]["arena_bytes"]
@@ -129,8 +129,8 @@ def test_flash_over_budget_is_exit_4_with_the_overshoot(exported_run, tmp_path):
 
 def test_tflm_names_an_op_it_has_no_kernel_for(exported_run, tmp_path):
     """A Vela-compiled model holds the ethos-u custom op, which plain TFLite Micro cannot run."""
-    from edgetl import tflm, vela
     from edgetl.errors import ExitCode
+    from edgetl.package import tflm, vela
 
     _, run_dir = exported_run
     compiled, *_ = vela.compile_model(run_dir / "model_int8.tflite", tmp_path, load_target("ethos-u55").compile.args)
@@ -207,7 +207,7 @@ def test_vela_sram_over_budget_is_exit_4(exported_run, tmp_path):
 def test_vela_fallback_reasons_are_parsed_from_a_model_with_unsupported_ops(tmp_path):
     """A tiny int8 model with CUMSUM (no NPU support; the converter leaves it in float)."""
     tf = pytest.importorskip("tensorflow")
-    from edgetl import vela
+    from edgetl.package import vela
 
     inp = tf.keras.Input((16, 16, 3), batch_size=1)
     x = tf.keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)

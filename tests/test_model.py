@@ -8,10 +8,17 @@ import torch
 from conftest import SHARED_WEIGHTS, needs_shared_weights
 
 from edgetl.config import FinetuneConfig
-from edgetl.data import LoadedSplit
+from edgetl.data.decode import LoadedSplit
 from edgetl.errors import WeightsError
-from edgetl.model import EdgeClassifier, default_unfreeze_from, load_initial_weights, set_trainable
-from edgetl.train import build_optimizer, train_one_epoch
+from edgetl.train.loop import train_one_epoch
+from edgetl.train.model import (
+    EdgeClassifier,
+    default_unfreeze_from,
+    load_initial_weights,
+    set_train_mode,
+    set_trainable,
+)
+from edgetl.train.optim import build_optimizer
 
 
 def tiny(num_classes=3, width=0.35) -> EdgeClassifier:
@@ -117,10 +124,9 @@ def run_epoch(model: EdgeClassifier, phase: int, bn: str, unfreeze_from: int):
     split = LoadedSplit(images=images, labels=np.arange(16) % 3, paths=[""] * 16)
     set_trainable(model, phase, unfreeze_from)
     optimizer, scheduler = build_optimizer(model, cfg, phase, unfreeze_from, steps_per_epoch=2)
-    train_one_epoch(
-        model, split, torch.from_numpy(images), cfg, phase, unfreeze_from, optimizer, scheduler,
-        torch.device("cpu"), epoch=0, desc="test",
-    )  # fmt: skip
+    set_train_mode(model, phase, unfreeze_from, cfg.bn)  # the caller of the shared loop sets the modes
+    train_one_epoch(model, torch.from_numpy(images), split.labels, cfg, optimizer, scheduler, torch.device("cpu"),
+                    epoch=0, desc="test")  # fmt: skip
     return optimizer
 
 

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from conftest import REPO
 from test_imports import run_blocked
 
-from edgetl.artifacts import read_manifest
 from edgetl.cli import main
+from edgetl.rundir import read_manifest
 from edgetl.targets import load_target
 
 pytestmark = pytest.mark.slow

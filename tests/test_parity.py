@@ -1,11 +1,13 @@
-"""edgetl.parity's metrics and report: agreement interval, the listed disagreements."""
+"""edgetl.check.parity's metrics and report: agreement interval, the listed disagreements."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgetl.parity import LISTED_DISAGREEMENTS, ParityReport, Thresholds, compare, parity_markdown, wilson_interval
+from edgetl.check.metrics import LISTED_DISAGREEMENTS, ParityReport, compare, wilson_interval
+from edgetl.check.report_md import parity_markdown
+from edgetl.config import Thresholds
 
 
 def test_wilson_interval_known_values():
@@ -105,7 +107,7 @@ def test_near_ties_band_separates_noise_from_a_broken_prediction():
     ],
 )
 def test_next_steps_suggest_retraining_only_for_near_ties(monkeypatch, config, outside, retrain_first):
-    import edgetl.parity as parity
+    import edgetl.check.report_md as parity
 
     monkeypatch.setattr(parity, "read_manifest", lambda run: {"stages": {"finetune": {"config": config}}})
     int8 = {"passed": False, "near_ties": {"disagreements_within": 5, "disagreements_outside": outside}}

@@ -7,7 +7,7 @@ import pytest
 from conftest import SHARED, SIGN_DATA
 from PIL import Image
 
-from edgetl.data import decode_image
+from edgetl.data.decode import decode_image
 from edgetl.runtime.preprocess import PreprocessSpec, center_crop, load_image, normalize, prepare
 
 

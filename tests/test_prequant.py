@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture
 def model():
-    from edgetl.model import EdgeClassifier
+    from edgetl.train.model import EdgeClassifier
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -32,7 +32,7 @@ def _images(n: int = 8, side: int = 48) -> np.ndarray:
 
 
 def test_streams_are_the_stages_with_every_reader(model):
-    from edgetl.prequant import streams
+    from edgetl.quantize.equalize import streams
 
     found = streams(model.net.features)
     assert [(s["first"], s["residual"]) for s in found] == [
@@ -45,7 +45,7 @@ def test_streams_are_the_stages_with_every_reader(model):
 
 def _ranges(model, module, images):
     """Per-channel (min, max) of ``module``'s output on ``images``."""
-    from edgetl.parity import torch_logits
+    from edgetl.train.loop import torch_logits
 
     seen = []
     hook = module.register_forward_hook(lambda m, x, y: seen.append((y.amin((0, 2, 3)), y.amax((0, 2, 3)))))
@@ -57,8 +57,8 @@ def _ranges(model, module, images):
 
 
 def test_equalisation_is_exact_in_float_and_centres_and_equalises_the_streams(model):
-    from edgetl.parity import torch_logits
-    from edgetl.prequant import equalize
+    from edgetl.quantize.equalize import equalize
+    from edgetl.train.loop import torch_logits
 
     images = _images()
     features = model.net.features
@@ -90,7 +90,7 @@ def test_equalisation_is_exact_in_float_and_centres_and_equalises_the_streams(mo
 
 
 def test_relu_equalisation_pairs_every_relu6_that_feeds_a_depthwise_convolution(model):
-    from edgetl.prequant import relu_pairs
+    from edgetl.quantize.equalize import relu_pairs
 
     pairs = relu_pairs(model.net.features)
     assert [name for name, _, _ in pairs] == ["features.0"] + [f"features.{i}.conv.0" for i in range(2, 18)]
@@ -100,8 +100,8 @@ def test_relu_equalisation_pairs_every_relu6_that_feeds_a_depthwise_convolution(
 
 
 def test_relu_equalisation_is_exact_up_to_the_calibration_maxima(model):
-    from edgetl.parity import torch_logits
-    from edgetl.prequant import MAX_RELU_SCALE, equalize_relu, relu_pairs
+    from edgetl.quantize.equalize import MAX_RELU_SCALE, equalize_relu, relu_pairs
+    from edgetl.train.loop import torch_logits
 
     images = _images()
     with torch.no_grad():  # a channel that is never positive must be left alone, not divided by zero
@@ -130,8 +130,8 @@ def test_relu_equalisation_is_exact_up_to_the_calibration_maxima(model):
 def test_equalize_for_int8_is_both_transforms_on_a_copy(model):
     import copy
 
-    from edgetl.parity import torch_logits
-    from edgetl.prequant import equalize, equalize_for_int8, equalize_relu
+    from edgetl.quantize.equalize import equalize, equalize_for_int8, equalize_relu
+    from edgetl.train.loop import torch_logits
 
     images = _images()
     original = copy.deepcopy(model)

@@ -10,15 +10,17 @@ import torch
 from click.testing import CliRunner
 from conftest import copy_run, mobilenet_with_real_bn_statistics
 
-from edgetl.artifacts import read_manifest, sha256_file, verify_files
-from edgetl.calib import calibration_set, load_recipe
+from edgetl.check.runners import runner_for
 from edgetl.cli import main
-from edgetl.parity import evaluation_set, runner_for
-from edgetl.prequant import equalize_for_int8
-from edgetl.qat import QuantSim, _fake_quant_weight
+from edgetl.data.heldout import evaluation_set
+from edgetl.quantize.equalize import equalize_for_int8
+from edgetl.quantize.qat import QuantSim, _fake_quant_weight
+from edgetl.quantize.recipes import calibration_set, load_recipe
+from edgetl.rundir import read_manifest, sha256_file, verify_files
 from edgetl.runtime.preprocess import PreprocessSpec
-from edgetl.tf_graph import fold
-from edgetl.train import load_checkpoint, predict_logits
+from edgetl.train.checkpoint import load_checkpoint
+from edgetl.train.layers import fold
+from edgetl.train.loop import predict_logits
 
 
 def test_weight_fake_quant_is_tflite_symmetric_int8_per_channel():
@@ -49,8 +51,8 @@ def test_simulation_is_float_until_calibrated_then_int8_like():
 def test_simulation_tracks_the_exported_int8_model(learned_run, tmp_path):
     """The simulated int8 logits are much closer to the real TFLite int8 model's than the float logits
     are (export without bias correction, which the simulation leaves to training)."""
-    from edgetl.export import ExportConfig, export
-    from edgetl.parity import Thresholds
+    from edgetl.config import ExportConfig, Thresholds
+    from edgetl.pipeline import export_and_check as export
 
     run_dir = copy_run(learned_run[1], tmp_path / "run")
     export(run_dir, ExportConfig(bias_correction=False, remedies=False, thresholds=Thresholds(100.0, 0.0)))

@@ -77,7 +77,7 @@ def test_missing_camera_and_video_are_one_line_errors(bundle_dir, capsys):
 
 @pytest.fixture(scope="module")
 def bundle_dir(exported_run, tmp_path_factory):
-    from edgetl.package import package
+    from edgetl.package.bundle import package
     from edgetl.targets import load_target
 
     _, run_dir = exported_run
@@ -92,7 +92,7 @@ def bundle_dir(exported_run, tmp_path_factory):
 def video(exported_run, tmp_path_factory):
     import cv2
 
-    from edgetl.artifacts import read_manifest
+    from edgetl.rundir import read_manifest
 
     root = read_manifest(exported_run[1])["stages"]["finetune"]["data"]["root"]
     images = sorted(Path(root, "test").rglob("*.png"))[:12]
@@ -149,8 +149,8 @@ def test_ctrl_c_ends_with_a_summary(bundle_dir, video, capsys, monkeypatch):
 
 def test_runtime_agrees_with_the_parity_check(bundle_dir, exported_run, capsys):
     """The device path (OpenCV decode, shared preprocessing, LiteRT) reproduces edgetl check's int8 top-1."""
-    from edgetl.artifacts import read_manifest
-    from edgetl.data import discover
+    from edgetl.data.folders import discover
+    from edgetl.rundir import read_manifest
 
     _, run_dir = exported_run
     stage = read_manifest(run_dir)["stages"]["finetune"]
@@ -199,7 +199,7 @@ def test_a_fresh_device_venv_with_only_the_bundle_requirements_runs_it(bundle_di
     import subprocess
     import sys
 
-    from edgetl.artifacts import read_manifest
+    from edgetl.rundir import read_manifest
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

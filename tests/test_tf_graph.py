@@ -1,4 +1,4 @@
-"""The direct PyTorch -> TensorFlow rebuild of MobileNetV2 (edgetl.tf_graph) and its place in export."""
+"""The direct PyTorch -> TensorFlow rebuild of MobileNetV2 (edgetl.export.tf_graph) and its place in export."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 from conftest import copy_run, mobilenet_with_real_bn_statistics
 
-from edgetl.artifacts import read_manifest
+from edgetl.check.runners import runner_for
 from edgetl.cli import main
-from edgetl.parity import runner_for
-from edgetl.tf_graph import UnsupportedModel, _padding, build, graph_spec, save_graph
+from edgetl.export.tf_graph import _padding, build, graph_spec, save_graph
+from edgetl.rundir import read_manifest
+from edgetl.train.layers import UnsupportedModel
 
 tf = pytest.importorskip("tensorflow", reason="needs the export extra")
 
@@ -74,7 +75,7 @@ def test_onnx2tf_route_still_converts(learned_run, tmp_path, netguard_log):
 
 
 def test_diagnosis_names_layers_by_module_path():
-    from edgetl.remedies import layer_name
+    from edgetl.check.remedies import layer_name
 
     fused = "features.2/features.2.conv.0.0/Relu6;features.2/features.2.conv.0.0/BiasAdd;Const_98"
     assert layer_name(fused) == "features.2.conv.0.0"
@@ -85,8 +86,7 @@ def test_diagnosis_names_layers_by_module_path():
 
 
 def test_parity_reference_is_the_model_folded_and_leaves_the_model_alone():
-    from edgetl.parity import torch_logits
-    from edgetl.train import predict_logits
+    from edgetl.train.loop import predict_logits, torch_logits
 
     model = mobilenet_with_real_bn_statistics()
     pixels = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)

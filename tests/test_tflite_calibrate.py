@@ -1,4 +1,4 @@
-"""edgetl.tflite_calibrate: int8 calibration split over two processes gives the same model."""
+"""edgetl.quantize.calibrate: int8 calibration split over two processes gives the same model."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow
 def graph_dir(learned_run, tmp_path_factory):
     """A converter work folder: the learned toy model's graph and 12 calibration images."""
     pytest.importorskip("tensorflow", reason="needs the export extra")
-    from edgetl.tf_graph import save_graph
-    from edgetl.tflite_convert import GRAPH
-    from edgetl.train import load_checkpoint
+    from edgetl.export.tf_graph import save_graph
+    from edgetl.export.tflite_process import GRAPH
+    from edgetl.train.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(learned_run[1])
     folder = tmp_path_factory.mktemp("calibrate")
@@ -27,7 +27,7 @@ def graph_dir(learned_run, tmp_path_factory):
 
 
 def _int8(folder: Path, helper, calibration: Path | None = None) -> bytes:
-    from edgetl.tflite_convert import converter_factory, quantize
+    from edgetl.export.tflite_process import converter_factory, quantize
 
     return quantize(converter_factory(folder), calibration or folder / "calibration.npy", "int8", helper)
 
@@ -55,13 +55,13 @@ def _calibrate(model: bytes, images: np.ndarray) -> bytes:
     """TensorFlow's calibrator alone on ``images``: ``model`` with every tensor's min/max recorded."""
     from tensorflow.lite.python.optimize import calibrator
 
-    from edgetl.tflite_calibrate import calibration_samples
+    from edgetl.quantize.calibrate import calibration_samples
 
     return calibrator.Calibrator(model).calibrate(lambda: calibration_samples(images))
 
 
 def test_two_process_calibration_gives_the_same_model(graph_dir):
-    from edgetl.tflite_calibrate import Helper
+    from edgetl.quantize.calibrate import Helper
 
     single = _int8(graph_dir, None)
     (graph_dir / "calibrated_part.tflite").unlink(missing_ok=True)
@@ -91,7 +91,7 @@ def test_a_failed_helper_changes_nothing(graph_dir):
 def test_merge_ranges_takes_the_wider_range(graph_dir):
     from ai_edge_litert import schema_py_generated as schema
 
-    from edgetl.tflite_calibrate import merge_ranges
+    from edgetl.quantize.calibrate import merge_ranges
 
     _, calibration_input = _int8_and_calibration_input(graph_dir)
     images = np.load(graph_dir / "calibration.npy")
@@ -112,8 +112,8 @@ def test_raw_pixel_input_whatever_the_images_span(graph_dir, tmp_path):
     range is touched (a black and a white pixel in an image, the old way, widened the stem's)."""
     from ai_edge_litert import schema_py_generated as schema
 
-    from edgetl.tflite_calibrate import merge_ranges
-    from edgetl.tflite_inspect import inspect_tflite
+    from edgetl.quantize.calibrate import merge_ranges
+    from edgetl.quantize.tflite_facts import inspect_tflite
 
     narrow = np.random.default_rng(1).integers(40, 201, (8, 64, 64, 3), dtype=np.uint8)
     np.save(tmp_path / "narrow.npy", narrow)

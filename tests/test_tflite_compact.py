@@ -1,12 +1,12 @@
-"""edgetl.tflite_compact: shared vectors and aligned buffers, the model's behaviour unchanged."""
+"""edgetl.export.tflite_dedup: shared vectors and aligned buffers, the model's behaviour unchanged."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgetl.tflite_compact import BUFFER_ALIGNMENT, compact
-from edgetl.tflite_inspect import size_breakdown
+from edgetl.export.tflite_dedup import BUFFER_ALIGNMENT, compact
+from edgetl.quantize.tflite_facts import size_breakdown
 
 pytestmark = pytest.mark.slow
 

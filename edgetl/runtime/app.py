@@ -142,6 +142,34 @@ def draw_overlay(bgr: np.ndarray, top: list[dict], fps: float, latency_ms: float
     return out
 
 
+class _Output:
+    """The annotated frames: written to a video file (``--save``) and/or shown in a window (``--show``)."""
+
+    def __init__(self, save: str | None, show: bool):
+        self.save, self.display, self.writer = save, show, None
+
+    def show(self, rgb: np.ndarray, top: list[dict], fps: float, frame_ms: float) -> bool:
+        """Annotate and emit one frame; False when the user closed the window (q or Esc)."""
+        import cv2
+
+        annotated = draw_overlay(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), top, fps, frame_ms)
+        if self.save:
+            if self.writer is None:
+                height, width = annotated.shape[:2]
+                self.writer = cv2.VideoWriter(self.save, cv2.VideoWriter_fourcc(*"mp4v"), 15.0, (width, height))
+                if not self.writer.isOpened():
+                    raise RuntimeFailure(f"cannot write video {self.save}")
+            self.writer.write(annotated)
+        if self.display:
+            cv2.imshow("edgetl", annotated)
+            return cv2.waitKey(1) & 0xFF not in (ord("q"), 27)
+        return True
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+
 def run(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.model, args.threads, args.labels, args.background,
                                  args.crop_fraction, args.pixel_range)  # fmt: skip
@@ -155,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise RuntimeFailure("nothing to classify: give images or folders, --video FILE or --camera N", EXIT_USAGE)
 
-    stats, writer = Stats(), None
+    stats, output = Stats(), _Output(args.save, args.show)
     try:
         for frame in frames:
             if frame.rgb is None:
@@ -176,28 +204,14 @@ def run(args: argparse.Namespace) -> int:
             else:
                 ranked = ", ".join(f"{t['label']} {t['score']:.3f}" for t in top)
                 print(f"{frame.name}: {ranked}  ({frame_ms:.1f} ms, {fps:.1f} FPS)", flush=True)
-            if args.show or args.save:
-                import cv2
-
-                annotated = draw_overlay(cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2BGR), top, fps, frame_ms)
-                if args.save:
-                    if writer is None:
-                        height, width = annotated.shape[:2]
-                        writer = cv2.VideoWriter(args.save, cv2.VideoWriter_fourcc(*"mp4v"), 15.0, (width, height))
-                        if not writer.isOpened():
-                            raise RuntimeFailure(f"cannot write video {args.save}")
-                    writer.write(annotated)
-                if args.show:
-                    cv2.imshow("edgetl", annotated)
-                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
-                        break
+            if (args.show or args.save) and not output.show(frame.rgb, top, fps, frame_ms):
+                break
     except KeyboardInterrupt:
         summary = stats.summary(reader.dropped if reader else 0)
         print(f"edgetl-runtime: interrupted; {json.dumps(summary)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if writer is not None:
-            writer.release()
+        output.close()
     summary = stats.summary(reader.dropped if reader else 0)
     print(f"edgetl-runtime: {json.dumps(summary)}", file=sys.stderr)
     if stats.frames == 0:

@@ -1,0 +1,113 @@
+"""The command line's edge: every failure becomes one ``edgetl: error:`` line and an exit code,
+option types that refuse non-finite numbers, and logging to stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import click
+
+from edgetl.errors import EdgetlError, ExitCode
+
+
+def one_line(text: str) -> str:
+    """Control characters (a newline in a folder name, say) shown escaped: an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class EdgetlGroup(click.Group):
+    """Click group that turns every failure into one ``edgetl: error:`` line and an exit code.
+
+    Library errors (:class:`EdgetlError`) carry their own code; usage errors exit 2; an OS error (a
+    read-only folder, a full disk) exits 1 with the path; anything unexpected exits 1 and asks for
+    ``--traceback``. With ``--json`` the command also prints ``{"error": {...}}`` on stdout, so a
+    script that parses stdout always gets one object.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        self._wants_json = "--json" in argv
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:  # bad options, missing arguments, unknown commands
+            hint = "see --help" if isinstance(exc, click.UsageError) else None
+            code = self._fail(exc.format_message(), hint, exc.exit_code)
+        except click.Abort:  # Ctrl-C while click itself was reading input
+            code = self._fail("interrupted", None, int(ExitCode.INTERRUPTED))
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except EdgetlError as exc:
+            self._reraise_if_asked(ctx)
+            ctx.exit(self._fail(exc.message, exc.hint, int(exc.exit_code)))
+        except KeyboardInterrupt:
+            ctx.exit(self._fail("interrupted", None, int(ExitCode.INTERRUPTED)))
+        except OSError as exc:  # a read-only or full disk, a folder that vanished: say which path
+            from edgetl.errors import os_error_message
+
+            self._reraise_if_asked(ctx)
+            ctx.exit(self._fail(os_error_message(exc), None, int(ExitCode.ERROR)))
+        except Exception as exc:  # a bug: still one line, and how to see more
+            from edgetl.errors import first_line
+
+            self._reraise_if_asked(ctx)
+            message = f"internal error: {type(exc).__name__}: {first_line(exc)}"
+            ctx.exit(self._fail(message, "re-run with --traceback and report it", int(ExitCode.ERROR)))
+
+    @staticmethod
+    def _reraise_if_asked(ctx: click.Context) -> None:
+        if (ctx.obj or {}).get("traceback"):
+            raise
+
+    def _fail(self, message: str, hint: str | None, code: int) -> int:
+        message = one_line(message)
+        hint_text = f" (hint: {one_line(hint)})" if hint else ""
+        if getattr(self, "_wants_json", False):
+            error = {"message": message, "hint": hint, "exit_code": code}
+            click.echo(json.dumps({"ok": False, "error": error}, sort_keys=True))
+        click.echo(f"edgetl: error: {message}{hint_text}", err=True)
+        return code
+
+
+class Finite(click.FloatRange):
+    """A float option that must be a finite number (``inf`` and ``nan`` are usage errors), in range."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+POSITIVE = Finite(min=0, min_open=True)
+NON_NEGATIVE = Finite(min=0)
+FRACTION = Finite(min=0, max=1)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("edgetl: %(levelname)s: %(message)s"))
+    root = logging.getLogger("edgetl")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if not verbose:
+        # Conversion and framework chatter stays out of the terminal unless -v.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        for name in ("tensorflow", "absl", "onnx2tf", "h5py"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+

@@ -1,0 +1,69 @@
+"""The TFLite converter job: what the parent asks of :mod:`edgetl.export.tflite_process`, typed, and
+the child process that does it (TensorFlow and onnx2tf stay out of the parent; their chatter goes to
+``export.log``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from edgetl.errors import ExportError
+from edgetl.subproc import die_with_parent
+
+
+@dataclass(frozen=True)
+class ConverterJob:
+    """One run of the converter process. Its outputs land in ``workdir``."""
+
+    workdir: str
+    graph: bool = False  # convert the direct route's graph.npz (edgetl.export.tf_graph) to model_float32.tflite
+    onnx: str | None = None  # or convert this ONNX file with onnx2tf
+    int8: bool = False  # full-integer int8 model, calibrated on ``calibration``
+    int16x8: bool = False  # 16-bit activations, 8-bit weights (a remedy)
+    calibration: str | None = None  # uint8 NHWC images (.npy)
+    output: str | None = None  # file name of the quantised model (default model_<mode>.tflite)
+    diagnose: bool = False  # per-layer quantisation error (layer_stats.csv)
+    bias_correction: bool = False
+    float_model: str | None = None  # the float model bias correction pairs with (default: workdir's)
+    calibration_workers: int | None = None  # processes calibrating int8 (default: 2 on a multi-core machine)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConverterJob:
+        values = json.loads(text)
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def run_converter(job: ConverterJob, log_path: Path) -> dict[str, Any]:
+    """Run the job in a child process that dies with this one; its output is appended to ``log_path``.
+
+    Returns:
+        The child's report: timings and, per quantised model, the bias correction and calibration split.
+
+    Raises:
+        ExportError: the conversion failed (the last line of the log says why).
+    """
+    job_path = Path(job.workdir) / "job.json"
+    job_path.write_text(job.to_json())
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    with open(log_path, "a") as log_file:
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgetl.export.tflite_process", str(job_path)],
+            stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, preexec_fn=die_with_parent(),
+        )  # fmt: skip
+        log_file.write(proc.stdout)
+    if proc.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise ExportError(
+            f"TFLite conversion failed (exit {proc.returncode}): {tail[0][:300]}",
+            hint=f"the full log is in {log_path}",
+        )
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
+    return json.loads(last)

@@ -1,0 +1,1 @@
+"""Stage 6: bundles for edge targets: reproducible archives, verification, accelerator compilers, C sources."""

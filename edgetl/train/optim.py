@@ -1,0 +1,46 @@
+"""Optimisers and learning-rate schedules of the two fine-tuning phases."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetl.config import FinetuneConfig
+from edgetl.train.model import EdgeClassifier
+
+
+def build_optimizer(
+    model: EdgeClassifier, cfg: FinetuneConfig, phase: int, unfreeze_from: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Phase 1: AdamW on the head at ``lr``, constant. Phase 2: head and backbone parameter groups,
+    backbone LR = head LR x ``backbone_lr_mult``, linear warm-up then cosine decay (per step)."""
+    if phase == 1:
+        groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    head_lr = cfg.phase2_head_lr
+    backbone = [p for block in model.features[unfreeze_from:] for p in block.parameters()]
+    groups = [{"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": head_lr * cfg.backbone_lr_mult, "name": "backbone"})
+    optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=cfg.weight_decay)
+    total = max(1, cfg.finetune_epochs * steps_per_epoch)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
+    """The current learning rate of the parameter group called ``name`` (None: no such group)."""
+    for group in optimizer.param_groups:
+        if group.get("name") == name:
+            return float(group["lr"])
+    return None
