@@ -1,19 +1,23 @@
-"""Validation accuracy after each phase: ImageNet-initialised vs from scratch, and how much of the
-backbone phase 2 trains, same budget.
+"""Validation accuracy after each phase for each transfer strategy, same budget.
 
 Runs ``edgetl.train.finetune.finetune`` on the sign-language digits in ../shared (2,062 real photos, 10 classes,
-seeded stratified 80/20 split) and writes ``results/finetune_accuracy_<tag>.{json,md}``. Variants:
+seeded stratified 80/20 split) and writes ``results/finetune_accuracy_<tag>.{json,md}``. Variants (ImageNet
+weights from ../shared unless said otherwise; edgetl's defaults otherwise):
 
-* ``imagenet``: edgetl's defaults with ``--weights ../shared/weights/mobilenet_v2_imagenet_features.pth``
-  (phase 2 trains the last third of the backbone at a tenth of the head's learning rate);
-* ``scratch``: the defaults with ``--weights none``;
-* ``imagenet-unfrozen``: ImageNet weights, phase 2 trains the whole backbone at the head's learning rate
-  (``--unfreeze-from 0 --backbone-lr-mult 1``).
+* ``feature-extraction``: phase 2 trains the head only (``--strategy feature-extraction``);
+* ``partial``: the last third of the backbone at a tenth of the head's rate (``--strategy partial``, the
+  default before issue #20);
+* ``whole-at-head-rate``: the whole backbone at the head's rate (``--strategy partial --unfreeze-from 0
+  --backbone-lr-mult 1``), the best fixed recipe measured before;
+* ``full``: every block, layer-wise rates, thawed top-down (``--strategy full``);
+* ``auto``: probes of the three strategies decide (``--strategy auto``);
+* ``scratch``: ``--weights none`` (the defaults otherwise).
 
 ``--only`` runs some of them; rows already in the result file from earlier invocations with the same
-budget are kept (each row says which training seed it used).
+budget are kept (each row says which training seed it used). ``--image-size 96`` is the second dataset
+of issue #20: the same photos at 96 px (``--tag sign_language_96``).
 
-    python benchmarks/finetune_accuracy.py [--only imagenet-unfrozen] [--seeds 0 1] [--keep DIR]
+    python benchmarks/finetune_accuracy.py [--only full auto] [--seeds 0 1 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from _common import RESULTS, SHARED, machine, write_result  # noqa: E402
 
 # variant -> settings on top of edgetl's defaults ("weights": "imagenet" means the shared backbone file)
 VARIANTS = {
-    "imagenet": {"weights": "imagenet"},
+    "feature-extraction": {"weights": "imagenet", "strategy": "feature-extraction"},
+    "partial": {"weights": "imagenet", "strategy": "partial"},
+    "whole-at-head-rate": {"weights": "imagenet", "strategy": "partial", "unfreeze_from": 0, "backbone_lr_mult": 1.0},
+    "full": {"weights": "imagenet", "strategy": "full"},
+    "auto": {"weights": "imagenet", "strategy": "auto"},
     "scratch": {"weights": "none"},
-    "imagenet-unfrozen": {"weights": "imagenet", "unfreeze_from": 0, "backbone_lr_mult": 1.0},
 }
 
 
@@ -46,7 +53,7 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--head-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=10)
-    parser.add_argument("--tag", default="sign_language_cpu")
+    parser.add_argument("--tag", default="sign_language_strategies")
     parser.add_argument("--keep", default=None, help="keep the run directories under this folder")
     parser.add_argument("--only", choices=list(VARIANTS), nargs="+", default=None, help="run only these variants")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run each")
@@ -97,6 +104,7 @@ def train_variant(args: argparse.Namespace, name: str, settings: dict, seed: int
         "seconds": time.perf_counter() - t0,
         "history_csv": history,
         "config": cfg.to_dict(),
+        "strategy": result.strategy,
     }
 
 
@@ -126,27 +134,36 @@ def report(args: argparse.Namespace, runs: dict, previous: bool = False) -> None
         json.loads((RESULTS / f"finetune_accuracy_{args.tag}.json").read_text())["machine"] if previous else machine()
     )
     lines = [
-        "# Fine-tuning accuracy: sign-language digits",
+        f"# Fine-tuning accuracy per transfer strategy: sign-language digits at {args.image_size} px",
         "",
         f"Data: {args.data} (2,062 photos, 10 classes; seeded stratified 80/20 train/val split).",
         f"Machine: {info['cpu']}, {info['cpus']} CPUs, torch {info.get('torch')}; one run per row.",
         f"Budget: {args.head_epochs} head epochs + up to {args.finetune_epochs} fine-tune epochs "
-        f"(early stopping, patience 3), image size {args.image_size}; imagenet-unfrozen trains the whole backbone "
-        "in phase 2 at the head's learning rate (--unfreeze-from 0 --backbone-lr-mult 1); other settings edgetl "
-        "defaults, training seed 0 unless the row says otherwise.",
+        f"(early stopping, patience 3), image size {args.image_size}; variants in the script's docstring; other "
+        "settings edgetl defaults.",
         "",
         "Time: wall clock of the run; images/s: its slowest and fastest epoch (phase 1 trains the head only, so"
         " it runs faster; a range wider than that means other jobs shared the machine and the time is inflated).",
         "",
-        "| variant | val top-1 after phase 1 | after phase 2 | kept model (best val loss) | epochs | time | images/s |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | val top-1 after phase 1 | after phase 2 | kept model (best val loss) | epochs | time | images/s "
+        "| strategy used |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
+        used = (run.get("strategy") or {}).get("used", "-")
         lines.append(
             f"| {name} | {pct(run['phase1_best_val_acc'])} | {pct(run['phase2_best_val_acc'])} | "
             f"{pct(run['final_val_acc'])} (epoch {run['best_epoch']}) | {run['epochs_run']} | "
-            f"{run['seconds']:.0f}s | {images_per_second(run['history_csv'])} |"
+            f"{run['seconds']:.0f}s | {images_per_second(run['history_csv'])} | {used} |"
         )
+    lines += ["", "Mean over training seeds:", "", "| variant | seeds | kept model val top-1 (mean, min–max) "
+              "| time (mean) |", "|---|---|---|---|"]  # fmt: skip
+    for variant in VARIANTS:
+        rows = [run for name, run in runs.items() if name.split(" (seed")[0] == variant]
+        if rows:
+            accs = [run["final_val_acc"] for run in rows]
+            lines.append(f"| {variant} | {len(rows)} | {100 * sum(accs) / len(accs):.2f}% ({100 * min(accs):.2f}–"
+                         f"{100 * max(accs):.2f}) | {sum(r['seconds'] for r in rows) / len(rows):.0f}s |")  # fmt: skip
     result = {"machine": info, "runs": runs}
     write_result(f"finetune_accuracy_{args.tag}", result, "\n".join(lines) + "\n")
 

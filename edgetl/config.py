@@ -35,6 +35,9 @@ def check_keys(given: dict[str, Any], valid: set[str], where: str) -> None:
         raise ConfigError(f"unknown key {key!r} in {where}", hint=hint)
 
 
+STRATEGIES = ("feature-extraction", "partial", "full", "auto")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that decides what ``edgetl finetune`` trains. Stored resolved in the run."""
@@ -50,8 +53,15 @@ class FinetuneConfig:
     # Phase 2: unfreeze and continue at a lower learning rate
     finetune_epochs: int = 10
     finetune_lr: float | None = None  # head LR in phase 2; None = lr / 10
-    backbone_lr_mult: float = 0.1  # backbone LR = phase-2 head LR x this
-    unfreeze_from: int | None = None  # index into `features`; None = the last third; 0 = all
+    # How much of the backbone phase 2 trains (edgetl.train.strategy): "feature-extraction" (the head only),
+    # "partial" (features[unfreeze_from:] at backbone_lr_mult), "full" (every block, layer-wise rates,
+    # thawed top-down), or "auto" (short probes of the three from the head-phase weights decide)
+    strategy: str = "partial"
+    backbone_lr_mult: float = 0.1  # "partial": backbone LR = phase-2 head LR x this
+    unfreeze_from: int | None = None  # "partial": index into `features`; None = the last third; 0 = all
+    layer_decay: float = 0.9  # "full": each features block's LR = the next (higher) block's x this; the head's is 1
+    unfreeze_epochs: int = 3  # "full": blocks are thawed from the top down over this many phase-2 epochs
+    probe_epochs: int = 1  # "auto": epochs each candidate trains from the head-phase weights before the choice
     bn: str = "frozen"  # "frozen": BatchNorm stays in eval mode; "train": it updates its statistics
     warmup_epochs: float = 1.0  # linear warm-up at the start of phase 2, then cosine decay
     patience: int = 3  # phase 2 stops after this many epochs without a better validation loss
@@ -91,6 +101,13 @@ class FinetuneConfig:
             raise bad("finetune_lr", "must be > 0")
         if self.unfreeze_from is not None and self.unfreeze_from < 0:
             raise bad("unfreeze_from", "must be >= 0")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"expected one of {', '.join(STRATEGIES)}")
+        if not 0 < self.layer_decay <= 1:
+            raise bad("layer_decay", "expected 0 < value <= 1")
+        for name in ("unfreeze_epochs", "probe_epochs"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
         if self.bn not in ("frozen", "train"):
             raise bad("bn", "expected 'frozen' or 'train'")
         if self.batch_size < 1:

@@ -20,6 +20,11 @@ def finetune_summary(result: Any) -> str:
         f"{result.epochs_run}{', stopped early' if result.stopped_early else ''})",
         f"by phase:   head-only {pct(result.phase1_val_acc)}, fine-tuned {pct(result.phase2_val_acc)}",
     ]
+    strategy = result.strategy or {}
+    if strategy.get("requested") == "auto":
+        lines.append(f"strategy:   {strategy.get('used')} (auto: {strategy.get('reason')})")
+    elif strategy:
+        lines.append(f"strategy:   {strategy.get('used')}")
     if result.test_acc is not None:
         lines.append(f"test top-1: {pct(result.test_acc)} (held-out test split)")
     if result.skipped_files:

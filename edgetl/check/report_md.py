@@ -30,8 +30,12 @@ def next_steps(run_dir: str | os.PathLike, int8: dict[str, Any]) -> list[str]:
     """
     steps = []
     ties = int8.get("near_ties") or {}
-    config = read_manifest(Path(run_dir))["stages"].get("finetune", {}).get("config", {})
-    partial = config.get("unfreeze_from") != 0 or config.get("backbone_lr_mult", 1.0) < 1.0
+    stage = read_manifest(Path(run_dir))["stages"].get("finetune", {})
+    config = stage.get("config", {})
+    strategy = (stage.get("strategy") or {}).get("used") or config.get("strategy", "partial")
+    whole = strategy == "full" or (strategy == "partial" and config.get("unfreeze_from") == 0
+                                   and config.get("backbone_lr_mult", 1.0) >= 1.0)  # fmt: skip
+    partial = not whole
     if ties.get("disagreements_within") and not ties.get("disagreements_outside") and partial:
         steps.append(RETRAIN_NEXT_STEP)
     steps.append(QAT_NEXT_STEP.format(run=str(run_dir).rstrip("/")))

@@ -86,11 +86,22 @@ def load_target(name: str) -> Any:
 @click.option("--image-size", type=int, default=None, help="Square input side in pixels [224].")
 @click.option("--head-epochs", type=int, default=None, help="Phase 1 epochs, backbone frozen [5].")
 @click.option("--finetune-epochs", type=int, default=None, help="Phase 2 epochs, unfrozen [10].")
+@click.option("--strategy", type=click.Choice(["auto", "feature-extraction", "partial", "full"]), default=None,
+              help="How much of the backbone phase 2 trains: the head only, the last third (partial), every block "
+                   "with layer-wise rates thawed top-down (full), or auto: short probes of the three decide "
+                   "[partial; partial whenever --unfreeze-from or --backbone-lr-mult is given].")
 @click.option("--unfreeze-from", type=int, default=None,
-              help="First `features` block trained in phase 2 [last third]; 0 = all.")
+              help="partial: first `features` block trained in phase 2 [last third]; 0 = all.")
 @click.option("--lr", type=POSITIVE, default=None, help="Head learning rate in phase 1 [1e-3].")
 @click.option("--finetune-lr", type=POSITIVE, default=None, help="Head LR in phase 2 [lr/10].")
-@click.option("--backbone-lr-mult", type=POSITIVE, default=None, help="Backbone LR = head LR x this [0.1].")
+@click.option("--backbone-lr-mult", type=POSITIVE, default=None,
+              help="partial: backbone LR = head LR x this [0.1].")
+@click.option("--layer-decay", type=Finite(min=0, max=1, min_open=True), default=None,
+              help="full: each block's LR = the next higher block's x this [0.9].")
+@click.option("--unfreeze-epochs", type=click.IntRange(min=1), default=None,
+              help="full: phase-2 epochs over which blocks are thawed from the top down [3].")
+@click.option("--probe-epochs", type=click.IntRange(min=1), default=None,
+              help="auto: epochs each candidate strategy trains before the choice [1].")
 @click.option("--bn", type=click.Choice(["frozen", "train"]), default=None,
               help="BatchNorm statistics in phase 2 [frozen].")
 @click.option("--patience", type=int, default=None, help="Early-stopping patience, phase 2 [3].")
@@ -124,6 +135,9 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
 
     if options["weights"] is None and not resume:
         options["weights"] = os.environ.get(WEIGHTS_ENV) or None
+    if options["strategy"] is None and not resume and (options["unfreeze_from"] is not None
+                                                        or options["backbone_lr_mult"] is not None):
+        options["strategy"] = "partial"  # the user chose how much of the backbone trains
     from_target = finetune_layer(load_target(target)) if target is not None else {}
     # Precedence, highest on the right: defaults < target file < flags.
     cfg = FinetuneConfig.build(from_target, options) if not resume else None

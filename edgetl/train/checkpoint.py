@@ -66,6 +66,7 @@ class TrainingState:
     epochs_since_best: int = 0
     stopped_early: bool = False
     next_epoch: int = 0
+    strategy_decision: dict[str, Any] | None = None  # strategy "auto": what the probes chose, and why
 
     def to_dict(self) -> dict[str, Any]:
         # not dataclasses.asdict: it would deep-copy every tensor of the model and optimizer state

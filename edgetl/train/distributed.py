@@ -52,13 +52,17 @@ class Context:
         return tensor.cpu().tolist()
 
     def broadcast_flag(self, flag: bool) -> bool:
+        return bool(self.broadcast_index(int(flag)))
+
+    def broadcast_index(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
         if not self.enabled:
-            return flag
-        tensor = torch.tensor([int(flag)])
+            return value
+        tensor = torch.tensor([int(value)])
         if dist.get_backend() == "nccl":
             tensor = tensor.cuda()
         dist.broadcast(tensor, src=0)
-        return bool(tensor.item())
+        return int(tensor.item())
 
     def barrier(self) -> None:
         if self.enabled:

@@ -52,6 +52,7 @@ from edgetl.train.model import (
 )
 from edgetl.train.optim import build_optimizer, group_lr
 from edgetl.train.outputs import FinetuneResult, Finished, finalize
+from edgetl.train.strategy import first_trainable, probe, top_backbone_lr
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, resum
     if not ctx.is_main:
         return None
     model.load_state_dict(state.best["state"])
-    finished = Finished(run_dir, model, splits, spec, cfg, device, loaded, state, skipped, unfreeze_from, overlap)
+    final_first = trainer.first if trainer.first is not None else unfreeze_from
+    finished = Finished(run_dir, model, splits, spec, cfg, device, loaded, state, skipped, final_first, overlap)
     result = finalize(finished)
     result.seconds = time.perf_counter() - started
     result.processes = ctx.world
@@ -192,6 +194,7 @@ def _starting_state(model: EdgeClassifier, cfg: FinetuneConfig, splits: DatasetS
         config=cfg.to_dict(), data_fingerprint=resumed.data_fingerprint, weights_source=resumed.weights_source,
         history=resumed.history, best=resumed.best, epochs_since_best=resumed.epochs_since_best,
         stopped_early=resumed.stopped_early, next_epoch=resumed.next_epoch,
+        strategy_decision=resumed.strategy_decision,
     )  # fmt: skip
 
 
@@ -255,7 +258,10 @@ class Trainer:
         self.resumed = resumed  # its optimizer state applies once, to the phase it was saved in
         self.saved_epochs = state.next_epoch
         self.phase: int | None = None
+        self.first: int | None = None  # the first features block with gradients now
         self.optimizer = self.scheduler = self.forward = None
+        decision = state.strategy_decision
+        self.strategy = decision["used"] if decision else cfg.strategy
 
     def run(self, data: str | os.PathLike) -> None:
         """Train until the last epoch or early stopping; Ctrl-C says what is saved and how to go on."""
@@ -268,11 +274,20 @@ class Trainer:
 
     def epoch(self, epoch: int) -> None:
         phase = 1 if epoch < self.cfg.head_epochs else 2
+        if phase == 2 and self.strategy == "auto":
+            self.state.strategy_decision = probe(self.model, self)
+            self.strategy = self.state.strategy_decision["used"]
+            log.info("strategy: %s (%s)", self.strategy, self.state.strategy_decision["reason"])
+        first = len(self.model.features)
+        if phase == 2:
+            first = first_trainable(self.strategy, self.cfg, self.model, epoch - self.cfg.head_epochs)
         if self.phase != phase:
             self._start_phase(phase)
-        lr_head, lr_backbone = group_lr(self.optimizer, "head"), group_lr(self.optimizer, "backbone")
+        if self.first != first:
+            self._thaw(phase, first)
+        lr_head, lr_backbone = group_lr(self.optimizer, "head"), top_backbone_lr(self.optimizer)
         desc = f"epoch {epoch + 1}/{self.total_epochs} (phase {phase})"
-        set_train_mode(self.model, phase, self.unfreeze_from, self.cfg.bn)
+        set_train_mode(self.model, phase, first, self.cfg.bn)
         stats = train_one_epoch(self.forward, self.train_on_device, self.train.labels, self.cfg, self.optimizer,
                                 self.scheduler, self.device, epoch, desc=desc, ctx=self.ctx)  # fmt: skip
         val = evaluate(self.model, self.val.images, self.val.labels, self.classes, self.device)
@@ -294,17 +309,22 @@ class Trainer:
         self.resumed = None
 
     def _start_phase(self, phase: int) -> None:
-        set_trainable(self.model, phase, self.unfreeze_from)
-        self.forward = distributed.wrap(self.model, self.ctx, self.device)  # DDP hooks follow requires_grad
-        if self.cfg.compile and self.device.type == "cuda":
-            self.forward = torch.compile(self.forward)
+        """The phase's optimizer and schedule (a resumed run's state restored into them once)."""
         self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg, phase, self.unfreeze_from,
-                                                         self.steps_per_epoch)  # fmt: skip
+                                                         self.steps_per_epoch, self.strategy)  # fmt: skip
         self.phase = phase
         resumed = self.resumed
         if resumed is not None and resumed.optimizer_phase == phase and resumed.optimizer:
             self.optimizer.load_state_dict(resumed.optimizer)
             self.scheduler.load_state_dict(resumed.scheduler)
+
+    def _thaw(self, phase: int, first: int) -> None:
+        """Gradients for ``features[first:]`` and the head; DDP (and torch.compile) rebuilt around them."""
+        set_trainable(self.model, phase, first)
+        self.forward = distributed.wrap(self.model, self.ctx, self.device)  # DDP hooks follow requires_grad
+        if self.cfg.compile and self.device.type == "cuda":
+            self.forward = torch.compile(self.forward)
+        self.first = first
 
     def _keep_best(self, row: dict[str, Any], phase: int) -> None:
         state = self.state

@@ -11,20 +11,27 @@ from edgetl.train.model import EdgeClassifier
 
 
 def build_optimizer(
-    model: EdgeClassifier, cfg: FinetuneConfig, phase: int, unfreeze_from: int, steps_per_epoch: int
+    model: EdgeClassifier, cfg: FinetuneConfig, phase: int, unfreeze_from: int, steps_per_epoch: int,
+    strategy: str = "partial",
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Phase 1: AdamW on the head at ``lr``, constant. Phase 2: head and backbone parameter groups,
-    backbone LR = head LR x ``backbone_lr_mult``, linear warm-up then cosine decay (per step)."""
+    """Phase 1: AdamW on the head at ``lr``, constant. Phase 2: the strategy's parameter groups
+    (:func:`edgetl.train.strategy.param_groups`; "partial": the backbone from ``unfreeze_from`` at head LR
+    x ``backbone_lr_mult``), linear warm-up then cosine decay (per step)."""
     if phase == 1:
         groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"}]
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
     head_lr = cfg.phase2_head_lr
-    backbone = [p for block in model.features[unfreeze_from:] for p in block.parameters()]
-    groups = [{"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": head_lr * cfg.backbone_lr_mult, "name": "backbone"})
+    if strategy == "partial":
+        backbone = [p for block in model.features[unfreeze_from:] for p in block.parameters()]
+        groups = [{"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
+        if backbone:
+            groups.append({"params": backbone, "lr": head_lr * cfg.backbone_lr_mult, "name": "backbone"})
+    else:
+        from edgetl.train.strategy import param_groups
+
+        groups = param_groups(model, cfg, strategy, head_lr)
     optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=cfg.weight_decay)
     total = max(1, cfg.finetune_epochs * steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))

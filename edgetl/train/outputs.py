@@ -44,6 +44,7 @@ class FinetuneResult:
     seconds: float
     files: list[str] = field(default_factory=list)
     processes: int = 1  # data-parallel processes that trained it
+    strategy: dict[str, Any] = field(default_factory=dict)  # requested, used, and for "auto" why (strategy_record)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items()}
@@ -101,7 +102,18 @@ def finalize(run: Finished) -> FinetuneResult:
         device=str(run.device),
         seconds=0.0,
         files=list(RUN_FILES),
+        strategy=strategy_record(run),
     )
+
+
+def strategy_record(run: Finished) -> dict[str, Any]:
+    """Which transfer strategy the run asked for and used; for "auto", the probes' evidence and the reason."""
+    if run.state.strategy_decision:
+        return dict(run.state.strategy_decision)
+    requested = run.cfg.strategy
+    used = None if requested == "auto" else requested  # "auto" without a phase 2 never chose
+    return {"requested": requested, "used": used,
+            "reason": "no phase 2 to choose for" if used is None else "as configured"}  # fmt: skip
 
 
 def _metrics(run: Finished, val_metrics: dict[str, Any], test_metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -125,6 +137,7 @@ def _metrics(run: Finished, val_metrics: dict[str, Any], test_metrics: dict[str,
         },
         "skipped_files": run.skipped,
         "classes": splits.classes,
+        "strategy": strategy_record(run),
     }
 
 
@@ -139,6 +152,7 @@ def _manifest_record(run: Finished, val_metrics: dict[str, Any], test_metrics: d
         "preprocess": card.preprocess,
         "config": run.cfg.to_dict(),
         "unfreeze_from": run.unfreeze_from,
+        "strategy": strategy_record(run),
         "weights": run.state.weights_source,
         "data": {"root": str(splits.root), "layout": splits.layout, "fingerprint": run.state.data_fingerprint},
         # images decoded per split (unreadable ones skipped): package's minimum parity evidence

@@ -1,0 +1,129 @@
+"""Transfer strategies: layer-wise rates, progressive unfreezing, the auto choice and its evidence, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TOY_CONFIG
+
+from edgetl.config import FinetuneConfig
+from edgetl.train import finetune as train_module
+from edgetl.train.model import EdgeClassifier
+from edgetl.train.optim import build_optimizer
+from edgetl.train.strategy import choose, first_trainable
+
+pytestmark = pytest.mark.slow
+
+
+def toy(**settings) -> FinetuneConfig:
+    return FinetuneConfig.build(TOY_CONFIG, {"head_epochs": 1, "finetune_epochs": 3, **settings})
+
+
+def test_layer_wise_rates_follow_the_formula():
+    torch.manual_seed(0)
+    model = EdgeClassifier(3, 0.35)
+    cfg = toy(strategy="full", layer_decay=0.5, lr=1e-2)
+    optimizer, _ = build_optimizer(model, cfg, 2, 0, steps_per_epoch=4, strategy="full")
+    rates = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    blocks = len(model.features)
+    assert rates["head"] == pytest.approx(cfg.phase2_head_lr)
+    for index in range(blocks):
+        assert rates[f"features.{index}"] == pytest.approx(cfg.phase2_head_lr * 0.5 ** (blocks - index))
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_first_trainable_block_per_strategy():
+    model = EdgeClassifier(3, 0.35)
+    blocks = len(model.features)  # 19
+    cfg = toy(unfreeze_epochs=3)
+    assert [first_trainable("full", cfg, model, e) for e in range(4)] == [blocks - 7, blocks - 13, 0, 0]
+    assert first_trainable("feature-extraction", cfg, model, 0) == blocks
+    assert first_trainable("partial", cfg, model, 5) == (2 * blocks) // 3
+
+
+def _record_trainable(monkeypatch) -> list[list[int]]:
+    """Per epoch, the features blocks whose parameters received gradients."""
+    real = train_module.train_one_epoch
+    seen: list[list[int]] = []
+
+    def recording(forward, *args, **kwargs):
+        stats = real(forward, *args, **kwargs)
+        model = getattr(forward, "module", forward)
+        if kwargs.get("desc", "").startswith("epoch"):
+            seen.append([i for i, block in enumerate(model.features)
+                         if any(p.grad is not None for p in block.parameters())])  # fmt: skip
+        return stats
+
+    monkeypatch.setattr(train_module, "train_one_epoch", recording)
+    return seen
+
+
+def test_progressive_unfreezing_thaws_top_down(toy_data, tmp_path, monkeypatch):
+    seen = _record_trainable(monkeypatch)
+    train_module.finetune(toy_data, tmp_path / "r", toy(strategy="full", unfreeze_epochs=3))
+    blocks = 19
+    assert seen == [[], list(range(blocks - 7, blocks)), list(range(blocks - 13, blocks)), list(range(blocks))]
+    rows = (tmp_path / "r" / "history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == ["1", "2", "2", "2"]
+
+
+def test_feature_extraction_never_trains_the_backbone(toy_data, tmp_path, monkeypatch):
+    seen = _record_trainable(monkeypatch)
+    train_module.finetune(toy_data, tmp_path / "r", toy(strategy="feature-extraction"))
+    assert seen == [[], [], [], []]
+
+
+def test_auto_records_its_evidence(toy_data, tmp_path):
+    result = train_module.finetune(toy_data, tmp_path / "r", toy(strategy="auto"))
+    decision = json.loads((tmp_path / "r" / "metrics.json").read_text())["strategy"]
+    assert decision["requested"] == "auto" and decision["used"] in ("feature-extraction", "partial", "full")
+    assert set(decision["candidates"]) == {"feature-extraction", "partial", "full"}
+    for evidence in decision["candidates"].values():
+        assert 0 <= evidence["val_acc"] <= 1 and evidence["seconds"] > 0
+    assert decision["used"] in decision["reason"] and result.strategy == decision
+    from edgetl.rundir import read_manifest
+
+    assert read_manifest(tmp_path / "r")["stages"]["finetune"]["strategy"]["used"] == decision["used"]
+
+
+@pytest.mark.parametrize("strategy", ["full", "auto"])
+def test_resume_in_the_middle_of_phase_2_gives_the_uninterrupted_model(toy_data, tmp_path, monkeypatch, strategy):
+    from edgetl.errors import Interrupted
+    from edgetl.train.checkpoint import load_checkpoint
+
+    cfg = toy(strategy=strategy, unfreeze_epochs=3)
+    train_module.finetune(toy_data, tmp_path / "whole", cfg)
+    real, calls = train_module.train_one_epoch, {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        if kwargs.get("desc", "").startswith("epoch"):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the second epoch of phase 2: blocks half thawed
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupt)
+    with pytest.raises(Interrupted):
+        train_module.finetune(toy_data, tmp_path / "split", cfg)
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    train_module.finetune(toy_data, tmp_path / "split", cfg, resume=True)
+    whole, _ = load_checkpoint(tmp_path / "whole")
+    split, _ = load_checkpoint(tmp_path / "split")
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, split.state_dict()[key]), key
+    whole_choice, split_choice = (json.loads((tmp_path / run / "metrics.json").read_text())["strategy"]
+                                  for run in ("whole", "split"))  # fmt: skip
+    assert whole_choice["used"] == split_choice["used"]
+    for name, evidence in whole_choice.get("candidates", {}).items():  # the probes' timings differ, not their scores
+        assert evidence["val_acc"] == split_choice["candidates"][name]["val_acc"]
+
+
+def test_choose_prefers_the_cheaper_of_two_within_one_image():
+    evidence = {"feature-extraction": {"val_acc": 0.90}, "partial": {"val_acc": 0.955}, "full": {"val_acc": 0.96}}
+    assert choose(evidence, 100)[0] == "partial"  # 0.5 pp = half an image of 100 below full
+    assert choose(evidence, 1000)[0] == "full"  # 5 images of 1000
+    clear = {"feature-extraction": {"val_acc": 0.99}, "partial": {"val_acc": 0.97}, "full": {"val_acc": 0.96}}
+    chosen, reason = choose(clear, 100)
+    assert chosen == "feature-extraction" and "is the best" in reason
