@@ -119,7 +119,7 @@ def _simulate(run: Path, stride: int) -> dict:
     model.eval()
     val, description, _, splits = evaluation_set(run, read_manifest(run), None)
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
-    calibration = calibration_set(splits, spec, load_recipe("default"), None, guard_paths=list(val.paths))
+    calibration = calibration_set(splits, spec, load_recipe("default"), None, guard_split=val)
     reference = torch_logits(model, val.images)
     int8_model, _, _ = equalize_for_int8(model, calibration.images)
     sim = simulation_class()(int8_model)

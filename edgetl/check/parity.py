@@ -22,6 +22,7 @@ from edgetl.check.metrics import ParityReport, compare
 from edgetl.check.report_md import parity_markdown
 from edgetl.check.runners import runner_for
 from edgetl.config import Thresholds
+from edgetl.data.heldout import Evaluation
 from edgetl.errors import RunDirError
 from edgetl.rundir import (
     ARTIFACTS,
@@ -37,8 +38,6 @@ from edgetl.rundir import (
 
 log = logging.getLogger(__name__)
 
-# (validation images, their description, the classes, the float model's logits on them)
-Evaluation = tuple[Any, dict[str, Any], list[str], np.ndarray]
 
 
 def weaker_evidence(evidence: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.errors import RunDirError, first_line
-from edgetl.runtime.modelfile import ModelFileError, check_tflite
+from edgetl.runtime.modelfile import ModelFileError
 
 
 def runner_for(path: Path, num_threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
@@ -18,23 +18,18 @@ def runner_for(path: Path, num_threads: int = 1) -> Callable[[np.ndarray], np.nd
     Raises:
         RunDirError: the file is not a whole, loadable model (truncated, empty, garbage).
     """
-    from edgetl.runtime.model import open_model
+    from edgetl.runtime.model import open_model, predict_all
 
     try:
         if path.suffix == ".onnx":
             import onnx
 
             onnx.checker.check_model(str(path))  # onnxruntime may crash on a broken file instead of raising
-        else:
-            check_tflite(path)
-        model = open_model(str(path), num_threads)
+        model = open_model(str(path), num_threads)  # a .tflite is checked whole before it is mapped
     except (ModelFileError, *_onnx_errors()) as exc:
         raise RunDirError(f"{path} is not a usable model: {first_line(exc)}", hint="export the run again") from None
 
-    def run(images: np.ndarray) -> np.ndarray:
-        return np.asarray([model.predict(img) for img in images], np.float32)
-
-    return run
+    return lambda images: predict_all(model, images)
 
 
 def _onnx_errors() -> tuple[type[BaseException], ...]:

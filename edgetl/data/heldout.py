@@ -15,6 +15,10 @@ from edgetl.data.folders import DatasetSplits, Sample, discover, image_files
 from edgetl.errors import DataError, RunDirError
 from edgetl.runtime.preprocess import PreprocessSpec
 
+# What parity is measured with: (the held-out images, their description, the classes, the float model's
+# logits on them).
+Evaluation = tuple[LoadedSplit, dict[str, Any], list[str], np.ndarray]
+
 
 def evaluation_set(
     run_dir: Path, manifest: dict[str, Any], data: str | os.PathLike | None

@@ -33,14 +33,14 @@ def outputs(model: bytes | str, images: np.ndarray, threads: int = 1) -> np.ndar
     import tempfile
     from pathlib import Path
 
-    from edgetl.runtime.model import TFLiteClassifier
+    from edgetl.runtime.model import TFLiteClassifier, predict_all
 
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model, bytes):
             Path(tmp, "model.tflite").write_bytes(model)
             model = str(Path(tmp, "model.tflite"))
         classifier = TFLiteClassifier(model, num_threads=threads)
-        return np.asarray([classifier.predict(image) for image in images], np.float64)
+        return predict_all(classifier, images).astype(np.float64)
 
 
 def correct_output(quantized: bytes, float_model_path: str, images: np.ndarray, count: int = 128,

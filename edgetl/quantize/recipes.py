@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.config import check_keys, data_dir
-from edgetl.data.decode import load_split
+from edgetl.data.decode import LoadedSplit, load_split
 from edgetl.data.folders import IMAGE_EXTENSIONS, DatasetSplits, Sample
 from edgetl.errors import ConfigError, DataError, first_line
 from edgetl.rundir import sha256_file
@@ -112,6 +112,7 @@ def calibration_set(
     recipe: CalibRecipe | None = None,
     calib_dir: str | os.PathLike | None = None,
     guard_paths: list[str] | None = None,
+    guard_split: LoadedSplit | None = None,
 ) -> CalibrationSet:
     """Select, decode and leakage-check the calibration images.
 
@@ -121,6 +122,8 @@ def calibration_set(
         recipe: which training images to use (ignored with ``calib_dir``).
         calib_dir: a folder of the user's own representative images instead.
         guard_paths: files parity is measured on; none of them may be in the calibration set.
+        guard_split: images parity is measured on that are decoded already (their pixel digests are
+            used as they are, not decoded again).
 
     Raises:
         DataError: empty calibration folder, or leakage into the parity set.
@@ -141,16 +144,18 @@ def calibration_set(
 
     hashes = _content_hashes([s.path for s in samples])
     loaded = load_split(samples, spec.resize_size, spec, eval_crop=True)
-    if guard_paths:
-        _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guard_paths)
+    if guard_paths or guard_split is not None:
+        guarded = dict(zip(guard_split.digests, guard_split.paths, strict=True)) if guard_split is not None else {}
+        _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guarded, guard_paths or [])
     digest = hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest()
     description.update({"count": len(loaded.paths), "sha256": digest})
     return CalibrationSet(images=loaded.images, paths=loaded.paths, sha256=digest, description=description)
 
 
-def _refuse_leakage(calibration: dict[str, str], guard_paths: list[str]) -> None:
+def _refuse_leakage(calibration: dict[str, str], guarded: dict[str, str], guard_paths: list[str]) -> None:
     """Refuse calibration images whose decoded pixels equal a guarded image's (a copy, a rename or a
-    lossless re-encode of a validation image is the same image; comparing file bytes misses the last)."""
+    lossless re-encode of a validation image is the same image; comparing file bytes misses the last).
+    ``guarded``: digest -> path of images decoded already; ``guard_paths`` are decoded here."""
     from concurrent.futures import ThreadPoolExecutor
 
     from edgetl.data.decode import decode_image, pixel_digest
@@ -162,7 +167,7 @@ def _refuse_leakage(calibration: dict[str, str], guard_paths: list[str]) -> None
             return None
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        guarded = {d: p for p, d in zip(guard_paths, pool.map(digest, guard_paths), strict=True) if d}
+        guarded = {**guarded, **{d: p for p, d in zip(guard_paths, pool.map(digest, guard_paths), strict=True) if d}}
     leaked = [(path, guarded[d]) for d, path in calibration.items() if d in guarded]
     if leaked:
         first, twin = leaked[0]

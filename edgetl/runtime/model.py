@@ -238,6 +238,11 @@ def load_edgetpu_delegate():
     )
 
 
+def predict_all(model, images: np.ndarray) -> np.ndarray:
+    """float32 scores ``[N, classes]`` of a classifier (:func:`open_model`) on uint8 images ``[N, H, W, 3]``."""
+    return np.asarray([model.predict(image) for image in images], np.float32)
+
+
 def open_model(path: str, num_threads: int = 1, delegate: str | None = None):
     """A classifier for a ``.tflite`` or ``.onnx`` file (``delegate="edgetpu"`` for a compiled model)."""
     if str(path).endswith(".onnx"):

@@ -45,14 +45,13 @@ from edgetl.train.cpu_heap import retained_heap
 from edgetl.train.loop import evaluate, progress, train_one_epoch
 from edgetl.train.model import (
     EdgeClassifier,
-    default_unfreeze_from,
     load_initial_weights,
     set_train_mode,
     set_trainable,
 )
-from edgetl.train.optim import build_optimizer, group_lr
+from edgetl.train.optim import build_optimizer, group_lr, top_backbone_lr
 from edgetl.train.outputs import FinetuneResult, Finished, finalize
-from edgetl.train.strategy import first_trainable, probe, top_backbone_lr
+from edgetl.train.strategy import first_trainable, probe
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, resum
     splits = _splits(data, cfg, resumed)
     spec = PreprocessSpec.for_size(cfg.image_size)
     model = EdgeClassifier(len(splits.classes), cfg.width, spec.mean, spec.std, cfg.dropout)
-    unfreeze_from = cfg.unfreeze_from if cfg.unfreeze_from is not None else default_unfreeze_from(model)
+    unfreeze_from = first_trainable("partial", cfg, model, 0)
     if unfreeze_from > len(model.features):
         raise ConfigError(f"--unfreeze-from {unfreeze_from} is past the last block ({len(model.features) - 1})")
     state = _starting_state(model, cfg, splits, resumed, run_dir)

@@ -30,6 +30,7 @@ from edgetl.config import FinetuneConfig
 from edgetl.train import distributed
 from edgetl.train.loop import evaluate, train_one_epoch
 from edgetl.train.model import EdgeClassifier, default_unfreeze_from, set_train_mode, set_trainable
+from edgetl.train.optim import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -48,35 +49,6 @@ def first_trainable(strategy: str, cfg: FinetuneConfig, model: EdgeClassifier, p
     return blocks - math.ceil(blocks * thawed)
 
 
-def param_groups(model: EdgeClassifier, cfg: FinetuneConfig, strategy: str, head_lr: float) -> list[dict[str, Any]]:
-    """Phase 2's parameter groups and learning rates: the head at ``head_lr``; for "partial" one backbone
-    group at ``head_lr x backbone_lr_mult``; for "full" one group per block, block ``i`` of ``n`` at
-    ``head_lr x layer_decay ** (n - i)``."""
-    groups = [{"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
-    if strategy == "partial":
-        first = first_trainable("partial", cfg, model, 0)
-        backbone = [p for block in model.features[first:] for p in block.parameters()]
-        if backbone:
-            groups.append({"params": backbone, "lr": head_lr * cfg.backbone_lr_mult, "name": "backbone"})
-    elif strategy == "full":
-        blocks = len(model.features)
-        for index, block in enumerate(model.features):
-            rate = head_lr * cfg.layer_decay ** (blocks - index)
-            groups.append({"params": list(block.parameters()), "lr": rate, "name": f"features.{index}"})
-    return groups
-
-
-def top_backbone_lr(optimizer: torch.optim.Optimizer) -> float | None:
-    """The learning rate of the highest backbone group (what history.csv reports as lr_backbone)."""
-    rates = [(g["name"], float(g["lr"])) for g in optimizer.param_groups if g.get("name", "") != "head"]
-    if not rates:
-        return None
-    named = dict(rates)
-    if "backbone" in named:
-        return named["backbone"]
-    return max(rates, key=lambda item: int(item[0].split(".")[-1]))[1]
-
-
 def probe(model: EdgeClassifier, trainer: Any) -> dict[str, Any]:
     """Train each candidate from ``model``'s (head-phase) weights for ``probe_epochs`` and choose.
 
@@ -91,7 +63,7 @@ def probe(model: EdgeClassifier, trainer: Any) -> dict[str, Any]:
         first = 0 if name == "full" else first_trainable(name, cfg, candidate, 0)
         set_trainable(candidate, 2, first)
         forward = distributed.wrap(candidate, trainer.ctx, trainer.device)
-        optimizer = torch.optim.AdamW(param_groups(candidate, cfg, name, cfg.phase2_head_lr),
+        optimizer = torch.optim.AdamW(param_groups(candidate, cfg, name, cfg.phase2_head_lr, first),
                                       lr=cfg.phase2_head_lr, weight_decay=cfg.weight_decay)  # fmt: skip
         constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         for epoch in range(cfg.probe_epochs):
