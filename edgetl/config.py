@@ -55,13 +55,14 @@ class FinetuneConfig:
     finetune_lr: float | None = None  # head LR in phase 2; None = lr / 10
     # How much of the backbone phase 2 trains (edgetl.train.strategy): "feature-extraction" (the head only),
     # "partial" (features[unfreeze_from:] at backbone_lr_mult), "full" (every block, layer-wise rates,
-    # thawed top-down), or "auto" (short probes of the three from the head-phase weights decide)
-    strategy: str = "partial"
+    # thawed top-down), or "auto" (feature extraction and full race the first probe_epochs of phase 2 from
+    # the head-phase weights; the winner continues from where its lane stopped)
+    strategy: str = "auto"
     backbone_lr_mult: float = 0.1  # "partial": backbone LR = phase-2 head LR x this
     unfreeze_from: int | None = None  # "partial": index into `features`; None = the last third; 0 = all
     layer_decay: float = 0.9  # "full": each features block's LR = the next (higher) block's x this; the head's is 1
     unfreeze_epochs: int = 3  # "full": blocks are thawed from the top down over this many phase-2 epochs
-    probe_epochs: int = 1  # "auto": epochs each candidate trains from the head-phase weights before the choice
+    probe_epochs: int = 2  # "auto": phase-2 epochs each candidate runs before the choice
     bn: str = "frozen"  # "frozen": BatchNorm stays in eval mode; "train": it updates its statistics
     warmup_epochs: float = 1.0  # linear warm-up at the start of phase 2, then cosine decay
     patience: int = 3  # phase 2 stops after this many epochs without a better validation loss
@@ -185,6 +186,9 @@ class ExportConfig:
     bias_correction: bool | None = None  # None: the recipe decides (on by default)
     equalize: bool = True  # int8: equalise activation ranges in its weights first (edgetl.quantize.equalize)
     converter: str = "direct"  # TFLite route: "direct" (edgetl.export.tf_graph) or "onnx2tf"
+    # int8 model's output: "uint8" (what MediaPipe and other tools take; edgetl.export.tool_metadata) or
+    # "int8" (what a target's compiler wants: `output_dtype` under its [quantization])
+    int8_output: str = "uint8"
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -225,5 +229,7 @@ def export_config(target: Any | None, *, int8: bool | None, max_drop: float | No
         int8 = target.precision in ("int8", "int16x8") if int8 is None else int8
         max_drop = target.parity.max_drop if max_drop is None else max_drop
         min_agreement = target.parity.min_agreement if min_agreement is None else min_agreement
+        if target.quantization.mode == "int8" and target.quantization.output_dtype in ("int8", "uint8"):
+            settings.setdefault("int8_output", target.quantization.output_dtype)
     return ExportConfig(int8=True if int8 is None else int8, thresholds=Thresholds.build(max_drop, min_agreement),
                         **settings)  # fmt: skip

@@ -127,6 +127,9 @@ def run_demo(
         predictions = _classify_with_bundle(packaged.bundle_dir, data_dir)
     elif exported:
         notes.append("not packaged: an artifact failed parity (see parity.md)")
+    from edgetl.report import write_report
+
+    notes.append(f"the run on one page: {write_report(run_dir)}")
     return DemoResult(
         data=data_dir,
         run_dir=run_dir,

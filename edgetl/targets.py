@@ -35,7 +35,7 @@ class InputSpec:
 class QuantizationSpec:
     mode: str = "int8"  # "int8", "int16x8" or "float32"
     input_dtype: str = "uint8"
-    output_dtype: str = "int8"
+    output_dtype: str = "uint8"  # int8 models: "uint8" (one final QUANTIZE, what MediaPipe takes) or "int8"
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,10 @@ def _validate(target: Target, where: str) -> None:
         raise bad(f"artifact must be one of {', '.join(ARTIFACT_PRECISION)}, got {target.artifact!r}")
     if target.quantization.mode != target.precision:
         raise bad(f"quantization mode {target.quantization.mode!r} does not match artifact {target.artifact}")
+    outputs = {"int8": ("uint8", "int8"), "int16x8": ("int16",), "float32": ("float32",)}[target.precision]
+    if target.quantization.output_dtype not in outputs:
+        raise bad(f"quantization output_dtype must be {' or '.join(outputs)} for {target.artifact}, "
+                  f"got {target.quantization.output_dtype!r}")  # fmt: skip
     if not 16 <= target.input.size <= 1024 or target.input.size % 8:
         raise bad(f"input size must be a multiple of 8 in 16..1024, got {target.input.size}")
     if target.input.layout not in ("NHWC", "NCHW"):

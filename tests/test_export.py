@@ -35,7 +35,7 @@ def test_int8_model_is_full_integer_with_raw_pixel_input(exported_run):
     assert facts.input.dtype == "uint8"
     assert facts.input.shape == (1, 64, 64, 3)  # batch 1, NHWC, static
     assert (facts.input.scale, facts.input.zero_point) == (1.0, 0)  # raw pixels, norm in the graph
-    assert facts.output.dtype == "int8" and facts.output.scale > 0
+    assert facts.output.dtype == "uint8" and facts.output.scale > 0  # int8 logits + one QUANTIZE (tool_metadata)
     assert facts.float_tensors == []
     # MobileNetV2's 52 convolutions and the normalisation, a 1x1 depthwise convolution (edgetl.export.tf_graph)
     assert facts.conv_weights == 53 and facts.per_tensor_conv_weights == []
@@ -114,7 +114,7 @@ def test_manifest_records_artifacts_io_calibration_versions(exported_run):
         assert name in manifest["files"]
     stage = manifest["stages"]["export"]
     int8 = stage["artifacts"]["model_int8.tflite"]
-    assert int8["output"]["dtype"] == "int8" and int8["output"]["scale"] > 0
+    assert int8["output"]["dtype"] == "uint8" and int8["output"]["scale"] > 0  # edgetl.export.tool_metadata
     assert stage["calibration"]["recipe"]["name"] == "default"
     assert len(stage["calibration"]["sha256"]) == 64 and stage["calibration"]["count"] > 0
     assert {"torch", "tensorflow", "ai-edge-litert"} <= set(stage["versions"])

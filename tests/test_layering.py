@@ -26,6 +26,7 @@ LAYERS = [
     ["export"],
     ["check"],
     ["package"],
+    ["report"],
     ["pipeline"],
     ["demo"],
     ["render"],

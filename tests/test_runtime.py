@@ -172,6 +172,34 @@ def test_bench_reports_invoke_and_frame_latency_per_thread_count(bundle_dir, cap
         assert row["invoke_ms_p90"] >= row["invoke_ms_median"]
 
 
+def _labelled_val_folder(run_dir, dest):
+    """The run's validation images as DEST/<label>/<file> (the layout bench --data reads)."""
+    from edgetl.data.folders import discover
+    from edgetl.rundir import read_manifest
+
+    stage = read_manifest(run_dir)["stages"]["finetune"]
+    val = discover(stage["data"]["root"], stage["config"]["val_fraction"], stage["config"]["seed"]).val
+    for sample in val:
+        folder = dest / stage["labels"][sample.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / sample.path.name).symlink_to(sample.path)
+    return dest, len(val)
+
+
+def test_bench_measures_accuracy_on_a_labelled_folder(bundle_dir, exported_run, tmp_path, capsys):
+    _, run_dir = exported_run
+    data, count = _labelled_val_folder(run_dir, tmp_path / "val")
+    code = app.main(["bench", str(bundle_dir), "--threads", "1", "--runs", "2", "--data", str(data), "--json"])
+    accuracy = json.loads(capsys.readouterr().out)["accuracy"]
+    parity = json.loads((run_dir / "parity.json").read_text())["artifacts"]["model_int8.tflite"]
+    assert code == 0 and accuracy["images"] == count and accuracy["skipped"] == 0
+    assert accuracy["top1"] == pytest.approx(parity["top1"])
+    (data / "zebra").mkdir()
+    code = app.main(["bench", str(bundle_dir), "--threads", "1", "--runs", "2", "--data", str(data)])
+    err = capsys.readouterr().err
+    assert code == 1 and "folders that are not labels of the model: zebra" in err
+
+
 # ----------------------------------------------------------------------------- third-party model
 
 

@@ -12,7 +12,7 @@ from edgetl.config import FinetuneConfig
 from edgetl.train import finetune as train_module
 from edgetl.train.model import EdgeClassifier
 from edgetl.train.optim import build_optimizer
-from edgetl.train.strategy import choose, first_trainable
+from edgetl.train.strategy import RACE, choose, first_trainable
 
 pytestmark = pytest.mark.slow
 
@@ -78,18 +78,52 @@ def test_feature_extraction_never_trains_the_backbone(toy_data, tmp_path, monkey
 def test_auto_records_its_evidence(toy_data, tmp_path):
     result = train_module.finetune(toy_data, tmp_path / "r", toy(strategy="auto"))
     decision = json.loads((tmp_path / "r" / "metrics.json").read_text())["strategy"]
-    assert decision["requested"] == "auto" and decision["used"] in ("feature-extraction", "partial", "full")
-    assert set(decision["candidates"]) == {"feature-extraction", "partial", "full"}
+    assert decision["requested"] == "auto" and decision["used"] in RACE
+    assert list(decision["candidates"]) == list(RACE) and decision["probe_epochs"] == 2
     for evidence in decision["candidates"].values():
-        assert 0 <= evidence["val_acc"] <= 1 and evidence["seconds"] > 0
+        assert 0 <= evidence["val_acc"] <= 1 and evidence["seconds"] > 0 and evidence["epochs"] == 2
     assert decision["used"] in decision["reason"] and result.strategy == decision
     from edgetl.rundir import read_manifest
 
     assert read_manifest(tmp_path / "r")["stages"]["finetune"]["strategy"]["used"] == decision["used"]
 
 
-@pytest.mark.parametrize("strategy", ["full", "auto"])
-def test_resume_in_the_middle_of_phase_2_gives_the_uninterrupted_model(toy_data, tmp_path, monkeypatch, strategy):
+def test_the_race_runs_each_lane_as_its_own_run_would(toy_data, tmp_path, monkeypatch):
+    """Feature extraction's two epochs (no backbone block), then full's two (thawing top-down), then the
+    winner continues: the epochs of the run are the winner's, not repeated."""
+    seen = _record_trainable(monkeypatch)
+    train_module.finetune(toy_data, tmp_path / "r", toy(strategy="auto", unfreeze_epochs=3))
+    used = json.loads((tmp_path / "r" / "metrics.json").read_text())["strategy"]["used"]
+    blocks = 19
+    full = [list(range(blocks - 7, blocks)), list(range(blocks - 13, blocks)), list(range(blocks))]
+    fe = [[], [], []]
+    assert seen == [[], *fe[:2], *full[:2], (full if used == "full" else fe)[2]]
+    rows = (tmp_path / "r" / "history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["1", "2", "3", "4"]  # one row per epoch of the run
+
+
+@pytest.mark.parametrize("winner", RACE)
+def test_auto_gives_the_model_of_the_strategy_it_chose(toy_data, tmp_path, monkeypatch, winner):
+    """The winner's lane is continued, not retrained: auto's model is the fixed strategy's, bit for bit."""
+    from edgetl.train import strategy as strategy_module
+    from edgetl.train.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(strategy_module, "choose", lambda evidence, images: (winner, f"{winner} forced"))
+    train_module.finetune(toy_data, tmp_path / "auto", toy(strategy="auto"))
+    train_module.finetune(toy_data, tmp_path / "fixed", toy(strategy=winner))
+    auto, _ = load_checkpoint(tmp_path / "auto")
+    fixed, _ = load_checkpoint(tmp_path / "fixed")
+    for key, value in fixed.state_dict().items():
+        assert torch.equal(value, auto.state_dict()[key]), key
+    histories = [(tmp_path / run / "history.csv").read_text().splitlines() for run in ("auto", "fixed")]
+    assert [row.split(",")[4:6] for row in histories[0]] == [row.split(",")[4:6] for row in histories[1]]
+
+
+@pytest.mark.parametrize(("strategy", "stop_at"), [("full", 3), ("auto", 3), ("auto", 6)])
+def test_resume_in_the_middle_of_phase_2_gives_the_uninterrupted_model(toy_data, tmp_path, monkeypatch, strategy,
+                                                                        stop_at):  # fmt: skip
+    """full: stopped in the second epoch of phase 2 (blocks half thawed); auto: in the race (3: feature
+    extraction's second epoch; nothing of phase 2 is saved) and after it (6: the winner's third epoch)."""
     from edgetl.errors import Interrupted
     from edgetl.train.checkpoint import load_checkpoint
 
@@ -100,7 +134,7 @@ def test_resume_in_the_middle_of_phase_2_gives_the_uninterrupted_model(toy_data,
     def interrupt(*args, **kwargs):
         if kwargs.get("desc", "").startswith("epoch"):
             calls["n"] += 1
-            if calls["n"] == 3:  # the second epoch of phase 2: blocks half thawed
+            if calls["n"] == stop_at:
                 raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -120,10 +154,14 @@ def test_resume_in_the_middle_of_phase_2_gives_the_uninterrupted_model(toy_data,
         assert evidence["val_acc"] == split_choice["candidates"][name]["val_acc"]
 
 
-def test_choose_prefers_the_cheaper_of_two_within_one_image():
-    evidence = {"feature-extraction": {"val_acc": 0.90}, "partial": {"val_acc": 0.955}, "full": {"val_acc": 0.96}}
-    assert choose(evidence, 100)[0] == "partial"  # 0.5 pp = half an image of 100 below full
-    assert choose(evidence, 1000)[0] == "full"  # 5 images of 1000
-    clear = {"feature-extraction": {"val_acc": 0.99}, "partial": {"val_acc": 0.97}, "full": {"val_acc": 0.96}}
-    chosen, reason = choose(clear, 100)
-    assert chosen == "feature-extraction" and "is the best" in reason
+def test_choose_prefers_the_cheaper_within_the_tolerance():
+    evidence = {"feature-extraction": {"val_loss": 0.303, "val_acc": 0.90, "epochs": 2},
+                "full": {"val_loss": 0.300, "val_acc": 0.91, "epochs": 2}}  # fmt: skip
+    chosen, reason = choose(evidence, 100)  # 1 % worse: within the 2 % tolerance
+    assert chosen == "feature-extraction" and "cheapest within 2 % of the best" in reason
+    evidence["feature-extraction"]["val_loss"] = 0.31  # 3.3 % worse
+    assert choose(evidence, 100)[0] == "full"
+    evidence["feature-extraction"]["val_loss"] = 0.25  # better outright
+    chosen, reason = choose(evidence, 100)
+    assert chosen == "feature-extraction" and "feature-extraction is the best" in reason
+    assert "after 2 phase-2 epoch(s) each on 100 images" in reason and "0.250 (90.0 %)" in reason

@@ -2,5 +2,6 @@
 edge where errors become exit codes (:mod:`edgetl.cli.edge`)."""
 
 from edgetl.cli.commands import main
+from edgetl.cli.views import benchmark_command, report_command  # registers the commands that show a run
 
-__all__ = ["main"]
+__all__ = ["benchmark_command", "main", "report_command"]

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -49,7 +50,7 @@ def _render() -> Any:
     return render
 
 
-def _finish(as_json: bool, result: Any, text: str) -> None:
+def finish(as_json: bool, result: Any, text: str) -> None:
     """Print a command's result (JSON or text) and exit with the code the result carries: the one
     place where results become exit codes."""
     payload = result.to_dict()
@@ -59,7 +60,18 @@ def _finish(as_json: bool, result: Any, text: str) -> None:
         sys.exit(code)
 
 
-class _Listing:
+def report_after(run_dir: str, bundles: tuple[str, ...] = ()) -> None:
+    """Re-write the run's report.html after a stage (edgetl.report). A page that cannot be written is a
+    warning: the stage itself succeeded or failed on its own terms."""
+    from edgetl.report import write_report
+
+    try:
+        log.info("report: %s", write_report(run_dir, tuple(Path(b) for b in bundles)))
+    except Exception as exc:  # noqa: BLE001 - the stage's result stands either way
+        log.warning("report.html not written: %s", one_line(str(exc) or type(exc).__name__))
+
+
+class Listing:
     """A result that is only data (target listings, the QAT record)."""
 
     def __init__(self, payload: dict[str, Any]):
@@ -88,8 +100,9 @@ def load_target(name: str) -> Any:
 @click.option("--finetune-epochs", type=int, default=None, help="Phase 2 epochs, unfrozen [10].")
 @click.option("--strategy", type=click.Choice(["auto", "feature-extraction", "partial", "full"]), default=None,
               help="How much of the backbone phase 2 trains: the head only, the last third (partial), every block "
-                   "with layer-wise rates thawed top-down (full), or auto: short probes of the three decide "
-                   "[partial; partial whenever --unfreeze-from or --backbone-lr-mult is given].")
+                   "with layer-wise rates thawed top-down (full), or auto: feature extraction and full race the "
+                   "first --probe-epochs of phase 2 on the validation split and the winner continues "
+                   "[auto; partial whenever --unfreeze-from or --backbone-lr-mult is given].")
 @click.option("--unfreeze-from", type=int, default=None,
               help="partial: first `features` block trained in phase 2 [last third]; 0 = all.")
 @click.option("--lr", type=POSITIVE, default=None, help="Head learning rate in phase 1 [1e-3].")
@@ -101,7 +114,7 @@ def load_target(name: str) -> Any:
 @click.option("--unfreeze-epochs", type=click.IntRange(min=1), default=None,
               help="full: phase-2 epochs over which blocks are thawed from the top down [3].")
 @click.option("--probe-epochs", type=click.IntRange(min=1), default=None,
-              help="auto: epochs each candidate strategy trains before the choice [1].")
+              help="auto: phase-2 epochs each raced strategy runs before the choice [2].")
 @click.option("--bn", type=click.Choice(["frozen", "train"]), default=None,
               help="BatchNorm statistics in phase 2 [frozen].")
 @click.option("--patience", type=int, default=None, help="Early-stopping patience, phase 2 [3].")
@@ -144,7 +157,8 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
     result = run_finetune(data, run_dir, cfg or FinetuneConfig(), resume=resume, overrides=options)
     if result is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return
-    _finish(as_json, result, _render().finetune_summary(result))
+    report_after(run_dir)
+    finish(as_json, result, _render().finetune_summary(result))
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
@@ -173,7 +187,7 @@ def demo(data: str | None, out_dir: str, with_export: bool, as_json: bool) -> No
     from edgetl.demo import run_demo
 
     result = run_demo(out_dir, data=data, weights=os.environ.get(WEIGHTS_ENV), with_export=with_export)
-    _finish(as_json, result, _render().demo_summary(result))
+    finish(as_json, result, _render().demo_summary(result))
 
 
 @main.command()
@@ -216,7 +230,8 @@ def export(run_dir: str, int8: bool | None, target: str | None, calib: str | Non
     result = export_and_check(run_dir, cfg, data)
     int8_verdict = result.parity.artifacts.get("model_int8.tflite")
     steps = next_steps(run_dir, int8_verdict) if int8_verdict is not None and not int8_verdict["passed"] else []
-    _finish(as_json, result, _render().export_text(result, run_dir, steps))
+    report_after(run_dir)
+    finish(as_json, result, _render().export_text(result, run_dir, steps))
 
 
 @main.command("qat")
@@ -245,7 +260,8 @@ def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, 
 
     settings = QATConfig(epochs=epochs, lr=lr, calib=calib, consistency=consistency, distill=distill)
     record = quantization_aware_finetune(run_dir, out_dir, settings)
-    _finish(as_json, _Listing({"run_dir": out_dir, **record}), _render().qat_text(record, out_dir))
+    report_after(out_dir)
+    finish(as_json, Listing({"run_dir": out_dir, **record}), _render().qat_text(record, out_dir))
 
 
 @main.command("check")
@@ -263,7 +279,8 @@ def check_command(run_dir: str, data: str | None, max_drop: float | None, min_ag
     from edgetl.config import Thresholds
 
     report = check(run_dir, Thresholds.build(max_drop, min_agreement), data)
-    _finish(as_json, report, _render().check_text(report, run_dir))
+    report_after(run_dir)
+    finish(as_json, report, _render().check_text(report, run_dir))
 
 
 @main.group("targets", invoke_without_command=True)
@@ -278,7 +295,7 @@ def targets_group(ctx: click.Context, as_json: bool) -> None:
     found = all_targets()
     payload = {"targets": [{"name": t.name, "runtime": t.runtime, "precision": t.precision,
                             "description": t.description, "file": t.source} for t in found]}  # fmt: skip
-    _finish(as_json, _Listing(payload), _render().targets_table(found))
+    finish(as_json, Listing(payload), _render().targets_table(found))
 
 
 @targets_group.command("show")
@@ -287,7 +304,7 @@ def targets_group(ctx: click.Context, as_json: bool) -> None:
 def targets_show(name: str, as_json: bool) -> None:
     """Print one target, resolved (NAME or a path to a .toml file)."""
     target = load_target(name)
-    _finish(as_json, _Listing({**target.to_dict(), "file": target.source}), _render().target_text(target))
+    finish(as_json, Listing({**target.to_dict(), "file": target.source}), _render().target_text(target))
 
 
 @targets_group.command("stamp")
@@ -333,7 +350,8 @@ def package_command(run_dir: str, target: str, out: str | None, force: bool, acc
     result = package(run_dir, load_target(target), out, force, compile_model=not no_compile,
                      allow_cpu_ops=allow_cpu_ops, check_tflm=check_tflm,
                      accept_weak_parity=accept_weak_parity)  # fmt: skip
-    _finish(as_json, result, _render().package_text(result))
+    report_after(run_dir, (str(result.bundle_dir),))
+    finish(as_json, result, _render().package_text(result))
 
 
 @main.command("verify")
@@ -347,7 +365,7 @@ def verify_command(bundle: str, as_json: bool) -> None:
     if report.problems:  # the details go to stdout; the error line, like every error, to stderr
         more = f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
         click.echo(one_line(f"edgetl: error: {bundle} failed verification: {report.problems[0]}{more}"), err=True)
-    _finish(as_json, report, _render().verify_text(bundle, report.problems))
+    finish(as_json, report, _render().verify_text(bundle, report.problems))
 
 
 @main.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

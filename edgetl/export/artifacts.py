@@ -200,6 +200,7 @@ def _convert(prepared: Prepared, cfg: ExportConfig,
     """ONNX, then the converter process; every float model checked against PyTorch, the int8 model's
     structure checked. Returns (produced files and their facts, timings, the converter's report)."""
     from edgetl.export.onnx import export_onnx
+    from edgetl.export.tool_metadata import describe_run, finish_for_tools
     from edgetl.quantize.tflite_facts import inspect_tflite
 
     run_dir, timings = prepared.run_dir, {}
@@ -215,6 +216,10 @@ def _convert(prepared: Prepared, cfg: ExportConfig,
     converted = run_converter(job, log_path)
     timings["converter_process_s"] = time.perf_counter() - t0  # incl. starting Python and TensorFlow
     timings.update(converted["timings"])
+    about = describe_run(run_dir)  # metadata and a uint8 output: other tools load the models as they are
+    finish_for_tools(workdir / "model_float32.tflite", about)
+    if cfg.int8:
+        finish_for_tools(workdir / "model_int8.tflite", about, cfg.int8_output)
     float_diff = _float_check(prepared, cfg, workdir / "model_float32.tflite")
     produced["model_float32.tflite"] = {"max_abs_logit_diff_vs_torch": float_diff}
     if cfg.int8:

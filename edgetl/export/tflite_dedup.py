@@ -53,11 +53,21 @@ def compact(model: bytes) -> bytes:
 
     A model that keeps its buffers outside the flatbuffer (files over 2 GB) is returned unchanged.
     """
-    from ai_edge_litert import schema_py_generated as schema
-
-    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
+    tree = unpack(model)
     if any(buffer.offset > 1 for buffer in tree.buffers or []):
         return model
-    builder = _builder_class()(len(model) + 1024)
+    return pack(tree, len(model))
+
+
+def unpack(model: bytes):
+    """The model's object tree (LiteRT's schema, ``ModelT``), to edit and :func:`pack` again."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
+
+
+def pack(tree, size_hint: int = 1 << 20) -> bytes:
+    """Serialise a ``ModelT`` compactly: shared vectors, 16-byte aligned buffers."""
+    builder = _builder_class()(size_hint + 1024)
     builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())

@@ -71,6 +71,9 @@ def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, s
         problems.append(f"model input is {side}x{side}, the target needs {need}x{need}")
     if spec["input"]["dtype"] != target.input.dtype:
         problems.append(f"model input dtype is {spec['input']['dtype']}, the target needs {target.input.dtype}")
+    if target.precision == "int8" and spec["output"]["dtype"] != target.quantization.output_dtype:
+        problems.append(f"model output dtype is {spec['output']['dtype']}, the target needs "
+                        f"{target.quantization.output_dtype} (export with --target {target.name})")  # fmt: skip
     if target.constraints.static_shapes and any(not isinstance(d, int) or d <= 0 for d in shape):
         problems.append(f"model input shape {shape} is not static")
     if shape[0] != target.constraints.batch:

@@ -4,7 +4,7 @@
     python3 -m edgetl_runtime BUNDLE --camera 0 [--show] [--save out.mp4]
     python3 -m edgetl_runtime BUNDLE --video clip.mp4
     python3 -m edgetl_runtime model.tflite --labels labels.txt photo.jpg      # third-party model
-    python3 -m edgetl_runtime bench BUNDLE [--threads 1,2,4] [--runs 50]
+    python3 -m edgetl_runtime bench BUNDLE [--threads 1,2,4] [--runs 50] [--data LABELLED_FOLDER]
 
 Exit codes: 0 ok, 1 error, 2 usage, 6 bundle failed verification, 130 interrupted (with a summary).
 """
@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -242,15 +243,45 @@ def bench(args: argparse.Namespace) -> int:
             "overhead_fraction": float((np.median(whole) - np.median(invoke)) / np.median(invoke)),
         })  # fmt: skip
     result = {"model": args.model, "runs": args.runs, "frame": "640x480 RGB", "results": rows}
+    if args.data:
+        result["accuracy"] = labelled_accuracy(classifier, args.data)
     if args.json:
         print(json.dumps(result))
     else:
+        if args.data:
+            acc = result["accuracy"]
+            print(f"top-1 {100 * acc['top1']:.2f} % on {acc['images']} images of {args.data} "
+                  f"({acc['skipped']} unreadable)")
         print(f"{'threads':>7} {'invoke median':>14} {'p90':>8} {'frame median':>13} {'p90':>8} {'pre+post':>9}")
         for r in rows:
             overhead = 100 * r["overhead_fraction"]
             print(f"{r['threads']:>7} {r['invoke_ms_median']:>11.2f} ms {r['invoke_ms_p90']:>5.2f} ms "
                   f"{r['frame_ms_median']:>10.2f} ms {r['frame_ms_p90']:>5.2f} ms {overhead:>8.1f}%")
     return EXIT_OK
+
+
+def labelled_accuracy(classifier: Classifier, root: str) -> dict[str, Any]:
+    """Top-1 of the device pipeline on a labelled folder ``ROOT/<label>/<images>`` (the labels by name)."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise RuntimeFailure(f"--data {root} is not a folder")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    unknown = [c for c in classes if c not in classifier.labels]
+    if not classes or unknown:
+        raise RuntimeFailure(f"--data {root}: " + (f"folders that are not labels of the model: {', '.join(unknown)}"
+                                                   if unknown else "no class folders"))  # fmt: skip
+    right = total = skipped = 0
+    for name in classes:
+        for frame in image_frames([str(folder / name)]):
+            if frame.rgb is None:
+                skipped += 1
+                continue
+            top, _ = classifier.classify(frame.rgb, 1)
+            right += top[0]["label"] == name
+            total += 1
+    if total == 0:
+        raise RuntimeFailure(f"--data {root}: no readable images")
+    return {"data": str(root), "images": total, "top1": right / total, "skipped": skipped}
 
 
 class UsageError(Exception):
@@ -277,6 +308,7 @@ def parser(prog: str = "edgetl-runtime") -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_count, default=3)
     p.add_argument("--threads", default=None, help="interpreter threads; bench: a list like 1,2,4")
     p.add_argument("--runs", type=_count, default=50, help="bench: timed runs per thread count")
+    p.add_argument("--data", default=None, help="bench: also top-1 on a labelled folder DATA/<label>/<images>")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout (bench: one object)")
     p.add_argument("--show", action="store_true", help="show an annotated window (q quits)")
     p.add_argument("--save", default=None, help="write the annotated frames to this video file")

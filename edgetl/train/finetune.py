@@ -51,7 +51,7 @@ from edgetl.train.model import (
 )
 from edgetl.train.optim import build_optimizer, group_lr, top_backbone_lr
 from edgetl.train.outputs import FinetuneResult, Finished, finalize
-from edgetl.train.strategy import first_trainable, probe
+from edgetl.train.strategy import first_trainable, race
 
 log = logging.getLogger(__name__)
 
@@ -272,11 +272,25 @@ class Trainer:
                 raise self._interrupted(data) from None
 
     def epoch(self, epoch: int) -> None:
-        phase = 1 if epoch < self.cfg.head_epochs else 2
-        if phase == 2 and self.strategy == "auto":
-            self.state.strategy_decision = probe(self.model, self)
-            self.strategy = self.state.strategy_decision["used"]
+        """Train (and for "auto" race, :func:`edgetl.train.strategy.race`) and save the state."""
+        if epoch >= self.cfg.head_epochs and self.strategy == "auto":
+            self.state.strategy_decision = race(self, epoch)
             log.info("strategy: %s (%s)", self.strategy, self.state.strategy_decision["reason"])
+        else:
+            self.train_epoch(epoch)
+        if not self.ctx.is_main:
+            self.resumed = None
+            return
+        self.state.model = cpu_state(self.model)
+        self.state.optimizer, self.state.scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+        self.state.optimizer_phase = self.phase
+        save_state(self.run_dir, self.state)
+        self.saved_epochs = self.state.next_epoch
+        self.resumed = None
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of training and validation; the state advances, nothing is saved. Returns its row."""
+        phase = 1 if epoch < self.cfg.head_epochs else 2
         first = len(self.model.features)
         if phase == 2:
             first = first_trainable(self.strategy, self.cfg, self.model, epoch - self.cfg.head_epochs)
@@ -297,15 +311,31 @@ class Trainer:
                  row["train_acc"], row["val_loss"], row["val_acc"], row["images_per_s"])  # fmt: skip
         self._keep_best(row, phase)
         self.state.next_epoch = epoch + 1
-        if not self.ctx.is_main:
-            self.resumed = None
-            return
-        self.state.model = cpu_state(self.model)
-        self.state.optimizer, self.state.scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
-        self.state.optimizer_phase = phase
-        save_state(self.run_dir, self.state)
-        self.saved_epochs = self.state.next_epoch
-        self.resumed = None
+        return row
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything an epoch changes: weights, optimiser, schedule, history and early-stopping state."""
+        state = self.state
+        return {"model": cpu_state(self.model), "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "phase": self.phase, "strategy": self.strategy, "history": list(state.history), "best": state.best,
+                "epochs_since_best": state.epochs_since_best, "stopped_early": state.stopped_early,
+                "next_epoch": state.next_epoch}  # fmt: skip
+
+    def restore(self, snapshot: dict[str, Any], strategy: str) -> None:
+        """Go back to a :meth:`snapshot` and continue it as ``strategy`` (the race's lanes)."""
+        self.model.load_state_dict(snapshot["model"])
+        self.model.zero_grad(set_to_none=True)  # no gradients left over from another lane
+        self.optimizer, self.scheduler, self.phase = snapshot["optimizer"], snapshot["scheduler"], snapshot["phase"]
+        state = self.state
+        state.history, state.best = list(snapshot["history"]), snapshot["best"]
+        state.epochs_since_best, state.stopped_early = snapshot["epochs_since_best"], snapshot["stopped_early"]
+        state.next_epoch = snapshot["next_epoch"]
+        if strategy != snapshot["strategy"]:
+            self.phase = None  # the next epoch builds the strategy's own phase-2 optimiser
+        self.strategy, self.first = strategy, None  # the next epoch sets the gradients and wraps again
+
+    def validation_size(self) -> int:
+        return len(self.val.labels)
 
     def _start_phase(self, phase: int) -> None:
         """The phase's optimizer and schedule (a resumed run's state restored into them once)."""

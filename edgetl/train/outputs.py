@@ -17,7 +17,7 @@ from edgetl.data.folders import DatasetSplits
 from edgetl.rundir import MODEL, atomic_write, update_manifest, write_json
 from edgetl.runtime.preprocess import PreprocessSpec
 from edgetl.train.checkpoint import ModelCard, TrainingState, save_model
-from edgetl.train.loop import evaluate
+from edgetl.train.loop import classification_metrics, predict_logits
 from edgetl.train.model import EdgeClassifier
 
 HISTORY_FIELDS = ["epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "lr_backbone",
@@ -77,8 +77,8 @@ def finalize(run: Finished) -> FinetuneResult:
     """Evaluate the best weights and write every artifact of the run."""
     classes = run.splits.classes
     val, test = run.loaded["val"], run.loaded["test"]
-    val_metrics = evaluate(run.model, val.images, val.labels, classes, run.device)
-    test_metrics = evaluate(run.model, test.images, test.labels, classes, run.device) if len(test.labels) else None
+    val_metrics = _evaluated(run, val)
+    test_metrics = _evaluated(run, test) if len(test.labels) else None
     best, history = run.state.best, run.state.history
     save_model(run.run_dir, run.card, best["state"], run.cfg.to_dict(), best["epoch"])
     atomic_write(run.run_dir / "labels.txt", "".join(f"{c}\n" for c in classes))
@@ -104,6 +104,37 @@ def finalize(run: Finished) -> FinetuneResult:
         files=list(RUN_FILES),
         strategy=strategy_record(run),
     )
+
+
+LISTED_MISTAKES = 48  # misclassified images listed per split in metrics.json (the report's gallery)
+
+
+def _evaluated(run: Finished, split: LoadedSplit) -> dict[str, Any]:
+    """Classification metrics of the kept model on a split, with its misclassified images: the surest
+    mistakes first, named relative to the dataset root."""
+    import numpy as np
+
+    logits = predict_logits(run.model, split.images, run.device)
+    metrics = classification_metrics(logits, split.labels, run.splits.classes)
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    confidence = (shifted / shifted.sum(1, keepdims=True)).max(1)
+    predicted = logits.argmax(1)
+    wrong = np.flatnonzero(predicted != split.labels)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:LISTED_MISTAKES]
+    classes, root = run.splits.classes, Path(run.splits.root)
+    metrics["misclassified"] = [
+        {"image": _relative(split.paths[i], root), "label": classes[split.labels[i]],
+         "predicted": classes[predicted[i]], "confidence": round(float(confidence[i]), 4)}
+        for i in wrong
+    ]  # fmt: skip
+    return metrics
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def strategy_record(run: Finished) -> dict[str, Any]:

@@ -1,0 +1,198 @@
+"""``edgetl benchmark RUN``: every model of a run side by side on this host.
+
+Per model (the PyTorch float model, ONNX through onnxruntime, each TFLite file through LiteRT, and the
+accelerator models of the run's bundles, whose speed is the compiler's estimate): file size, top-1 on
+the held-out images, top-1 agreement with the float model, and single-image latency (median and p90
+of ``runs`` timed calls after 5 warm-up calls, per thread count). The speed-up is against the TFLite
+float32 model at the same thread count (the float model a device would run), else PyTorch.
+
+Writes ``benchmark.json`` and ``benchmark.md`` into the run (read by ``report.html``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.check.runners import runner_for
+from edgetl.errors import RunDirError
+from edgetl.rundir import ARTIFACTS, MODEL, atomic_write, read_manifest, run_lock, verify_files, write_json
+
+log = logging.getLogger(__name__)
+
+WARMUP = 5
+
+
+@dataclass
+class BenchmarkReport:
+    host: str
+    threads: list[int]
+    runs: int
+    data: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "threads": self.threads, "runs": self.runs, "data": self.data, "rows": self.rows}
+
+
+def benchmark(run_dir: str | os.PathLike, threads: list[int], data: str | os.PathLike | None = None,
+              runs: int = 30) -> BenchmarkReport:  # fmt: skip
+    """Measure every model of ``run_dir`` and write benchmark.json / benchmark.md, holding the run's lock.
+
+    Raises:
+        RunDirError: the run was never fine-tuned, or a model differs from its manifest hash.
+        DataError: ``data`` is unusable, or the run's dataset changed (pass ``data``).
+    """
+    from edgetl.data.heldout import evaluation_set
+    from edgetl.train.checkpoint import load_checkpoint
+    from edgetl.train.loop import agreement, inference_copy, top1, torch_logits
+
+    with run_lock(run_dir, "benchmark"):
+        run_dir = Path(run_dir)
+        manifest = read_manifest(run_dir)
+        names = [n for n in (MODEL, *ARTIFACTS) if n in manifest["files"]]
+        tampered = [n for n in verify_files(run_dir, manifest) if n in names]
+        if tampered:
+            raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
+        split, description, _, _ = evaluation_set(run_dir, manifest, data)
+        model, _ = load_checkpoint(run_dir)
+        reference = torch_logits(model, split.images)
+        report = BenchmarkReport(host_description(), threads, runs,
+                                 {k: description[k] for k in ("source", "count") if k in description})  # fmt: skip
+        sample = split.images[:1]
+        for name in names:
+            log.info("benchmarking %s", name)
+            if name == MODEL:
+                logits, latency = reference, _torch_latency(inference_copy(model), sample, threads, runs)
+                kind = ("pytorch", "float32")
+            else:
+                logits, latency = runner_for(run_dir / name)(split.images), _file_latency(run_dir / name, sample,
+                                                                                           threads, runs)  # fmt: skip
+                kind = ARTIFACTS[name]
+            accuracy = {"top1": top1(logits, split.labels), "agreement": agreement(logits, reference)}
+            report.rows.append({"artifact": name, "format": kind[0], "precision": kind[1],
+                                "bytes": manifest["files"][name]["size"], "latency_ms": latency, **accuracy})
+        report.rows += _accelerator_estimates(run_dir)
+        _speedups(report)
+        write_json(run_dir / "benchmark.json", report.to_dict())
+        atomic_write(run_dir / "benchmark.md", benchmark_markdown(report))
+        return report
+
+
+def host_description() -> str:
+    """The CPU model and core count, e.g. "Intel(R) Xeon(R) Processor, 2 cores"."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    values = np.asarray(samples)
+    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+
+
+def _timed(call: Any, runs: int) -> dict[str, float]:
+    for _ in range(WARMUP):
+        call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return _summary(samples)
+
+
+def _torch_latency(model: Any, sample: np.ndarray, threads: list[int], runs: int) -> dict[str, dict[str, float]]:
+    import torch
+
+    from edgetl.train.augment import to_model_input
+
+    pixels = to_model_input(torch.from_numpy(sample)).contiguous(memory_format=torch.channels_last)
+    before, latency = torch.get_num_threads(), {}
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            with torch.inference_mode():
+                latency[str(count)] = _timed(lambda: model(pixels), runs)
+    finally:
+        torch.set_num_threads(before)
+    return latency
+
+
+def _file_latency(path: Path, sample: np.ndarray, threads: list[int], runs: int) -> dict[str, dict[str, float]]:
+    from edgetl.runtime.model import open_model
+
+    latency = {}
+    for count in threads:
+        model = open_model(str(path), count)
+        tensor = model.to_input(sample[0])
+        latency[str(count)] = _timed(lambda model=model, tensor=tensor: model.invoke(tensor), runs)
+    return latency
+
+
+def _accelerator_estimates(run_dir: Path) -> list[dict[str, Any]]:
+    """The compiled models of the run's bundles: Vela's inference-time estimate (an estimate, not a
+    measurement); the Edge TPU compiler gives none, so only its size is listed."""
+    import json
+
+    rows = []
+    for path in sorted((run_dir / "bundles").glob("*/manifest.json")):
+        bundle = json.loads(path.read_text())
+        accelerator = bundle.get("accelerator") or {}
+        compiled = accelerator.get("output") or accelerator.get("model")
+        if not accelerator or not compiled:
+            continue
+        row = {"artifact": f"{bundle['name']}/{compiled}", "format": bundle["target"].get("name", ""),
+               "precision": "int8", "bytes": bundle.get("files", {}).get(compiled, {}).get("size"),
+               "estimate": True, "latency_ms": {}}  # fmt: skip
+        if accelerator.get("inference_time_s"):
+            row["latency_ms"] = {"accelerator": {"median": 1e3 * accelerator["inference_time_s"], "p90": None}}
+        rows.append(row)
+    return rows
+
+
+def _speedups(report: BenchmarkReport) -> None:
+    """Each row's speed-up per thread count against the float baseline (TFLite float32, else PyTorch)."""
+    by_name = {row["artifact"]: row for row in report.rows}
+    base = by_name.get("model_float32.tflite") or by_name.get(MODEL)
+    report.data["speedup_baseline"] = base["artifact"] if base else None
+    for row in report.rows:
+        row["speedup"] = {t: base["latency_ms"][t]["median"] / row["latency_ms"][t]["median"]
+                          for t in row["latency_ms"] if base and t in base["latency_ms"]}  # fmt: skip
+
+
+def benchmark_markdown(report: BenchmarkReport) -> str:
+    threads = [str(t) for t in report.threads]
+    head = "| model | size | top-1 | agreement | " + " | ".join(f"{t} thread(s): median / p90 ms" for t in threads)
+    lines = [
+        f"# Benchmark: {report.data.get('count')} images ({report.data.get('source')}), host {report.host}",
+        "",
+        f"Single-image latency, {report.runs} timed runs after {WARMUP} warm-up calls per thread count; "
+        f"speed-up against {report.data.get('speedup_baseline')} at the same thread count.",
+        "",
+        head + " |",
+        "|---|---|---|---|" + "---|" * len(threads),
+    ]
+    for row in report.rows:
+        cells = [f"{row['artifact']}" + (" (estimate)" if row.get("estimate") else ""),
+                 f"{row['bytes'] / 2**20:.2f} MiB" if row.get("bytes") else "-",
+                 f"{100 * row['top1']:.2f} %" if "top1" in row else "-",
+                 f"{100 * row['agreement']:.2f} %" if "agreement" in row else "-"]  # fmt: skip
+        for t in threads:
+            latency, speedup = row["latency_ms"].get(t), row.get("speedup", {}).get(t)
+            cells.append(f"{latency['median']:.2f} / {latency['p90']:.2f} ({speedup:.2f}×)" if latency else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,93 @@
+"""What the page shows, read from the run folder: each file optional, so a page can be written after
+any stage (after finetune there is no parity yet)."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetl.rundir import read_manifest
+
+
+@dataclass
+class RunView:
+    run_dir: Path
+    manifest: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    benchmark: dict[str, Any] | None = None
+    bundles: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return self.manifest.get("stages", {})
+
+    @property
+    def data_root(self) -> Path | None:
+        """The dataset folder the thumbnails come from (the run's, or the parity check's ``--data``)."""
+        root = self.stages.get("finetune", {}).get("data", {}).get("root")
+        return Path(root) if root and Path(root).is_dir() else None
+
+    def parity_root(self) -> Path | None:
+        root = (self.parity or {}).get("data", {}).get("root")
+        return Path(root) if root and Path(root).is_dir() else self.data_root
+
+
+def load_view(run_dir: Path, extra_bundles: tuple[Path, ...] = ()) -> RunView:
+    view = RunView(run_dir, read_manifest(run_dir))
+    view.metrics = _json(run_dir / "metrics.json")
+    view.parity = _json(run_dir / "parity.json")
+    view.benchmark = _json(run_dir / "benchmark.json")
+    folders = sorted((run_dir / "bundles").glob("*/manifest.json")) + [b / "manifest.json" for b in extra_bundles]
+    seen = set()
+    for path in folders:
+        bundle = _json(path)
+        if bundle and bundle.get("kind") == "edgetl-bundle" and path.resolve() not in seen:
+            seen.add(path.resolve())
+            archive = path.parent.with_name(path.parent.name + ".tar.gz")
+            bundle["_folder"], bundle["_archive"] = str(path.parent), str(archive) if archive.is_file() else None
+            view.bundles.append(bundle)
+    return view
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f} %"
+
+
+def table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """A table whose cells are already HTML; wide tables scroll sideways on a phone."""
+    header = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    head = f"<thead><tr>{header}</tr></thead>"
+    return f'<div class="scroll"><table class="{cls}">{head}<tbody>{body}</tbody></table></div>'
+
+
+def badge(passed: bool | None, yes: str = "PASS", no: str = "FAIL") -> str:
+    if passed is None:
+        return '<span class="badge none">not checked</span>'
+    return f'<span class="badge {"pass" if passed else "fail"}">{yes if passed else no}</span>'
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def mib(size: int | None) -> str:
+    return "–" if size is None else f"{size / 2**20:.2f} MiB"

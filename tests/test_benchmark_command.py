@@ -1,0 +1,59 @@
+"""``edgetl benchmark RUN``: every model of a run in one table, written into the run and its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import copy_run
+
+from edgetl.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def benchmarked(exported_run, tmp_path_factory):
+    run_dir = copy_run(exported_run[1], tmp_path_factory.mktemp("benchmark") / "run")
+    result = CliRunner().invoke(main, ["-q", "benchmark", str(run_dir), "--threads", "1,2", "--runs", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), run_dir
+
+
+def test_every_model_of_the_run_is_measured(benchmarked):
+    report, run_dir = benchmarked
+    rows = {row["artifact"]: row for row in report["rows"]}
+    assert list(rows) == ["model.pt", "model.onnx", "model_float32.tflite", "model_int8.tflite"]
+    parity = json.loads((run_dir / "parity.json").read_text())["artifacts"]
+    for name, row in rows.items():
+        assert row["bytes"] == (run_dir / name).stat().st_size
+        assert set(row["latency_ms"]) == {"1", "2"}
+        for latency in row["latency_ms"].values():
+            assert 0 < latency["median"] <= latency["p90"]
+        if name in parity:  # the same images, the same models: the numbers parity measured
+            assert row["top1"] == pytest.approx(parity[name]["top1"])
+            assert row["agreement"] == pytest.approx(parity[name]["agreement"])
+    assert rows["model.pt"]["agreement"] == 1.0
+    assert report["data"]["speedup_baseline"] == "model_float32.tflite"
+    assert rows["model_float32.tflite"]["speedup"] == {"1": 1.0, "2": 1.0}
+    int8 = rows["model_int8.tflite"]
+    assert int8["speedup"]["1"] == pytest.approx(
+        rows["model_float32.tflite"]["latency_ms"]["1"]["median"] / int8["latency_ms"]["1"]["median"])
+
+
+def test_the_table_is_written_into_the_run_and_its_report(benchmarked):
+    report, run_dir = benchmarked
+    assert json.loads((run_dir / "benchmark.json").read_text()) == report
+    markdown = (run_dir / "benchmark.md").read_text()
+    assert markdown.count("\n| model |") == 1 and "| model_int8.tflite |" in markdown
+    page = (run_dir / "report.html").read_text()
+    assert "<h2>Size and speed</h2>" in page and "From <code>edgetl benchmark</code>" in page
+    median = report["rows"][-1]["latency_ms"]["1"]["median"]
+    assert f"{median:.2f}" in page
+
+
+@pytest.mark.parametrize("threads", ["0", "1,x", ""])
+def test_bad_thread_counts_are_usage_errors(exported_run, threads):
+    result = CliRunner().invoke(main, ["benchmark", str(exported_run[1]), "--threads", threads])
+    assert result.exit_code == 2 and "thread counts" in result.stderr and "Traceback" not in result.output
