@@ -76,7 +76,8 @@ def export_text(result: Any, run_dir: str, next_steps: list[str]) -> str:
     text = [f"exported {run_dir}:", *sizes, "parity (vs float PyTorch):", *parity_lines(result.parity)]
     text += [f"remedy: {r['remedy']}: {'pass' if r.get('passed') else 'fail'}" for r in result.remedies
              if "passed" in r]  # fmt: skip
-    text.append(f"time: {result.timings['total_s']:.0f}s; report: {run_dir}/parity.md")
+    text.append(f"time: {result.timings['total_s']:.0f}s; parity: {run_dir}/parity.md; "
+                f"the run on one page: {run_dir}/report.html")
     text += [f"next: {step}".replace("`", "") for step in next_steps]
     return "\n".join(text)
 
@@ -87,7 +88,8 @@ def check_text(report: Any, run_dir: str) -> str:
     float_top1 = 100 * report.float_metrics["top1"]
     head = (f"parity on {data['count']} images ({data['source']}, sha256 {data['sha256'][:12]}); "
             f"float top-1 {float_top1:.2f}%")
-    return "\n".join([head, *parity_lines(report), f"report: {run_dir}/parity.md"])
+    return "\n".join([head, *parity_lines(report),
+                      f"parity: {run_dir}/parity.md; the run on one page: {run_dir}/report.html"])
 
 
 def qat_text(record: dict[str, Any], out_dir: str) -> str:

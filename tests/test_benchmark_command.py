@@ -57,3 +57,22 @@ def test_the_table_is_written_into_the_run_and_its_report(benchmarked):
 def test_bad_thread_counts_are_usage_errors(exported_run, threads):
     result = CliRunner().invoke(main, ["benchmark", str(exported_run[1]), "--threads", threads])
     assert result.exit_code == 2 and "thread counts" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_vela_bundle_adds_its_estimate_marked_as_such(exported_run, tmp_path):
+    pytest.importorskip("ethosu.vela", reason="needs the mcu extra (ethos-u-vela)")
+    from test_mcu import _target
+
+    run_dir = copy_run(exported_run[1], tmp_path / "run")
+    target = _target(run_dir, "ethos-u65-256", tmp_path)
+    packaged = CliRunner().invoke(main, ["-q", "package", str(run_dir), "--target", str(target), "--force"])
+    assert packaged.exit_code == 0, packaged.output
+    result = CliRunner().invoke(main, ["-q", "benchmark", str(run_dir), "--threads", "1", "--runs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["artifact"]: row for row in json.loads(result.stdout)["rows"]}
+    bundle = json.loads(next((run_dir / "bundles").glob("*/manifest.json")).read_text())
+    estimate = rows[f"{bundle['name']}/model_int8_vela.tflite"]
+    assert estimate["estimate"] is True and estimate["bytes"] == bundle["accelerator"]["model_bytes"]
+    vela_ms = 1e3 * bundle["accelerator"]["inference_time_s"]
+    assert estimate["latency_ms"]["accelerator"]["median"] == pytest.approx(vela_ms)
+    assert "model_int8_vela.tflite</code> (estimate)" in (run_dir / "report.html").read_text()

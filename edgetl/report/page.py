@@ -22,7 +22,7 @@ margin-top:1.8em}h3{font-size:1em;margin:1.2em 0 .4em}code{font-size:.9em;word-b
 nav{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:.9em;margin:8px 0 0}nav a{color:var(--muted)}
 .muted{color:var(--muted)}.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:10px;
 margin:14px 0}.card{background:var(--panel);border-radius:8px;padding:10px 12px}.card b{display:block;
-font-size:1.35em}.card span{color:var(--muted);font-size:.85em}
+font-size:1.35em}.card>span{color:var(--muted);font-size:.85em}
 .badge{display:inline-block;border-radius:4px;padding:0 6px;font-weight:600;font-size:.85em;color:#fff}
 .card b .badge{font-size:.75em;padding:2px 8px}.badge.pass{background:var(--pass)}
 .badge.fail{background:var(--fail)}.badge.none{background:#8a949e}
