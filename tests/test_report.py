@@ -70,6 +70,8 @@ def test_report_after_package_shows_parity_bundles_and_provenance(packaged):
     assert "<h2>Bundles</h2>" in page and "rpi4-test" in page
     manifest = json.loads((packaged / "manifest.json").read_text())
     assert manifest["stages"]["finetune"]["data"]["fingerprint"] in page
+    calibration = manifest["stages"]["export"]["calibration"]
+    assert f"default, {calibration['count']} images, sha256 {calibration['sha256'][:16]}" in page
     for name, entry in manifest["files"].items():
         assert entry["sha256"] in page, name
     listed = sum(len(a.get("disagreements", [])) for a in parity["artifacts"].values())

@@ -140,6 +140,17 @@ def bundles(view: RunView) -> str:
     return section("bundles", "Bundles", table(["bundle", "target", "device", "model", "parity"], rows) + details)
 
 
+def _calibration(calibration: dict[str, Any]) -> str:
+    """The calibration recipe's name and how many images it took, with the set's hash."""
+    if not calibration:
+        return "–"
+    recipe = calibration.get("recipe")
+    name = recipe.get("name", "") if isinstance(recipe, dict) else recipe or calibration.get("source", "")
+    count = calibration.get("count")
+    digest = str(calibration.get("sha256", ""))[:16]
+    return f"{name}, {count} images, sha256 {digest}…" if count else str(name)
+
+
 def _weights(source: object) -> str:
     if isinstance(source, dict):
         return str(source.get("source") or source.get("path") or source)
@@ -157,7 +168,7 @@ def provenance(view: RunView) -> str:
         ["data fingerprint", data.get("fingerprint", "–")],
         ["seed", config.get("seed", "–")],
         ["initial weights", _weights(finetune.get("weights"))],
-        ["calibration", calibration.get("recipe", calibration.get("name", "–"))],
+        ["calibration", _calibration(calibration)],
         ["parity evidence", ((view.parity or {}).get("data") or {}).get("sha256", "–")],
         ["edgetl", view.manifest.get("edgetl_version", "–")],
         ["versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "–"],

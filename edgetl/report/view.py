@@ -75,7 +75,7 @@ def table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     """A table whose cells are already HTML; wide tables scroll sideways on a phone."""
     header = "".join(f"<th>{h}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    head = f"<thead><tr>{header}</tr></thead>"
+    head = f"<thead><tr>{header}</tr></thead>" if any(head) else ""
     return f'<div class="scroll"><table class="{cls}">{head}<tbody>{body}</tbody></table></div>'
 
 
