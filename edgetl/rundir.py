@@ -185,6 +185,21 @@ def update_manifest(
     return manifest
 
 
+def bundle_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of the edgetl bundle in ``folder``; None when there is none (or it is unreadable)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == "edgetl-bundle" else None
+
+
+def run_bundles(run_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """The bundles ``edgetl package`` wrote into ``RUN/bundles`` (its default ``--out``): (folder, manifest)."""
+    found = [(folder, bundle_manifest(folder)) for folder in sorted((Path(run_dir) / "bundles").glob("*/"))]
+    return [(folder, manifest) for folder, manifest in found if manifest is not None]
+
+
 def verify_files(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
     """Return the manifest entries whose file is missing or whose sha256 differs."""
     run_dir = Path(run_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,16 @@ import numpy as np
 
 from edgetl.check.runners import runner_for
 from edgetl.errors import RunDirError
-from edgetl.rundir import ARTIFACTS, MODEL, atomic_write, read_manifest, run_lock, verify_files, write_json
+from edgetl.rundir import (
+    ARTIFACTS,
+    MODEL,
+    atomic_write,
+    read_manifest,
+    run_bundles,
+    run_lock,
+    verify_files,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +107,11 @@ def host_description() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def _summary(samples: list[float]) -> dict[str, float]:
-    values = np.asarray(samples)
-    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
-
-
 def _timed(call: Any, runs: int) -> dict[str, float]:
-    for _ in range(WARMUP):
-        call()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return _summary(samples)
+    from edgetl.runtime.bench import call_latency
+
+    timed = call_latency(call, runs, WARMUP)
+    return {"median": timed["median_ms"], "p90": timed["p90_ms"]}
 
 
 def _torch_latency(model: Any, sample: np.ndarray, threads: list[int], runs: int) -> dict[str, dict[str, float]]:
@@ -146,14 +145,11 @@ def _file_latency(path: Path, sample: np.ndarray, threads: list[int], runs: int)
 def _accelerator_estimates(run_dir: Path) -> list[dict[str, Any]]:
     """The compiled models of the run's bundles: Vela's inference-time estimate (an estimate, not a
     measurement); the Edge TPU compiler gives none, so only its size is listed."""
-    import json
-
     rows = []
-    for path in sorted((run_dir / "bundles").glob("*/manifest.json")):
-        bundle = json.loads(path.read_text())
+    for _, bundle in run_bundles(run_dir):
         accelerator = bundle.get("accelerator") or {}
-        compiled = accelerator.get("output") or accelerator.get("model")
-        if not accelerator or not compiled:
+        compiled = accelerator.get("model")  # set when the compiler ran
+        if not compiled:
             continue
         row = {"artifact": f"{bundle['name']}/{compiled}", "format": bundle["target"].get("name", ""),
                "precision": "int8", "bytes": bundle.get("files", {}).get(compiled, {}).get("size"),

@@ -126,10 +126,8 @@ class _Trial:
         run_converter(ConverterJob(workdir=str(self.workdir), bias_correction=correct,
                                    float_model=str(self.run_dir / "model_float32.tflite"), **job),
                       self.run_dir / "export.log")  # fmt: skip
-        made = job.get("output") or ("model_int8.tflite" if job.get("int8") else "model_int16x8.tflite")
-        if (self.workdir / made).is_file() and not job.get("diagnose"):
-            finish_for_tools(self.workdir / made, describe_run(self.run_dir),
-                             self.cfg.int8_output if job.get("int8") else "int16")  # fmt: skip
+        made = job.get("output") or f"model_{'int8' if job.get('int8') else 'int16x8'}.tflite"  # as the converter
+        finish_for_tools(self.workdir / made, describe_run(self.run_dir), self.cfg.int8_output)
 
     def evaluate(self, path: Path) -> dict[str, Any]:
         metrics = compare(self.reference, runner_for(path)(self.val.images), self.val.labels, self.classes)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -66,7 +65,7 @@ def report_after(run_dir: str, bundles: tuple[str, ...] = ()) -> None:
     from edgetl.report import write_report
 
     try:
-        log.info("report: %s", write_report(run_dir, tuple(Path(b) for b in bundles)))
+        log.info("report: %s", write_report(run_dir, bundles))
     except Exception as exc:  # noqa: BLE001 - the stage's result stands either way
         log.warning("report.html not written: %s", one_line(str(exc) or type(exc).__name__))
 

@@ -23,7 +23,7 @@ def report_command(run_dir: str, bundles: tuple[str, ...], as_json: bool) -> Non
 
     if not (Path(run_dir) / MANIFEST_NAME).is_file():
         raise RunDirError(f"{run_dir} is not an edgetl run (no {MANIFEST_NAME})")
-    path = write_report(run_dir, tuple(Path(b) for b in bundles))
+    path = write_report(run_dir, bundles)
     finish(as_json, Listing({"report": str(path)}), str(path))
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -157,11 +158,12 @@ def _floats(b, values: list[float]) -> int:
     return b.EndVector()
 
 
-def _stats(b, low: float, high: float) -> int:
-    highs, lows = _floats(b, [high]), _floats(b, [low])
-    b.StartObject(2)  # Stats: max, min
-    b.PrependUOffsetTRelativeSlot(0, highs, 0)
-    b.PrependUOffsetTRelativeSlot(1, lows, 0)
+def _two_float_vectors(b, first: list[float], second: list[float]) -> int:
+    """A table of two float vectors: Stats (max, min) and NormalizationOptions (mean, std) alike."""
+    firsts, seconds = _floats(b, first), _floats(b, second)
+    b.StartObject(2)
+    b.PrependUOffsetTRelativeSlot(0, firsts, 0)
+    b.PrependUOffsetTRelativeSlot(1, seconds, 0)
     return b.EndObject()
 
 
@@ -176,17 +178,14 @@ def _input_metadata(b, size: int) -> int:
     b.PrependUOffsetTRelativeSlot(1, image_size, 0)
     properties = b.EndObject()
     content = _content(b, _IMAGE_PROPERTIES, properties)
-    means, stds = _floats(b, [0.0]), _floats(b, [1.0])
-    b.StartObject(2)  # NormalizationOptions
-    b.PrependUOffsetTRelativeSlot(0, means, 0)
-    b.PrependUOffsetTRelativeSlot(1, stds, 0)
-    normalization = b.EndObject()
+    normalization = _two_float_vectors(b, [0.0], [1.0])  # NormalizationOptions: mean, std
     b.StartObject(2)  # ProcessUnit
     b.PrependUint8Slot(0, _NORMALIZATION_OPTIONS, 0)
     b.PrependUOffsetTRelativeSlot(1, normalization, 0)
     units = _offsets(b, [b.EndObject()])
-    return _tensor(b, "image", "RGB pixels 0..255, resized and centre-cropped as labels.txt's model card says",
-                   content, _stats(b, 0.0, 255.0), units=units)  # fmt: skip
+    stats = _two_float_vectors(b, [255.0], [0.0])  # Stats: max, min
+    return _tensor(b, "image", "RGB pixels 0..255, resized and centre-cropped as the bundle's manifest.json says",
+                   content, stats, units=units)  # fmt: skip
 
 
 def _output_metadata(b, classes: int) -> int:
@@ -222,10 +221,8 @@ def _tensor(b, name: str, description: str, content: int, stats: int | None, uni
     return b.EndObject()
 
 
-def describe_run(run_dir) -> ModelDescription:
+def describe_run(run_dir: Path) -> ModelDescription:
     """What the metadata says about a fine-tuned run's model: its name, classes and input size."""
-    from pathlib import Path
-
     from edgetl import __version__
     from edgetl.rundir import read_manifest
 
@@ -238,12 +235,10 @@ def describe_run(run_dir) -> ModelDescription:
     )  # fmt: skip
 
 
-def finish_for_tools(path, about: ModelDescription, output_type: str = "uint8") -> None:
-    """Rewrite a converted ``.tflite`` in place for other tools: uint8 output (int8 models, unless
-    ``output_type`` is "int8") and metadata with the labels."""
-    from pathlib import Path
-
-    model = Path(path).read_bytes()
-    if output_type == "uint8":
+def finish_for_tools(path: Path, about: ModelDescription, int8_output: str = "uint8") -> None:
+    """Rewrite a converted ``.tflite`` in place for other tools: metadata with the labels, and an int8
+    output requantised to uint8 unless ``int8_output`` is "int8" (float and int16 outputs stay)."""
+    model = path.read_bytes()
+    if int8_output == "uint8":
         model = uint8_output(model)
-    Path(path).write_bytes(with_metadata(model, about))
+    path.write_bytes(with_metadata(model, about))

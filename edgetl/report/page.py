@@ -43,11 +43,11 @@ gap:2px 12px;font-size:.9em}dt{color:var(--muted)}dd{margin:0;word-break:break-a
 """
 
 
-def write_report(run_dir: str | os.PathLike, bundle_dirs: tuple[Path, ...] = ()) -> Path:
+def write_report(run_dir: str | os.PathLike, bundle_dirs: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Write ``RUN/report.html`` from what the run holds now (and the bundles in ``bundle_dirs`` besides
     those under ``RUN/bundles``); returns its path."""
     run_dir = Path(run_dir)
-    view = load_view(run_dir, tuple(Path(b) for b in bundle_dirs))
+    view = load_view(run_dir, bundle_dirs)
     sections = (training, classes, mistakes, parity, remedies, size_and_speed, bundles, provenance)
     body = "".join(part(view) for part in sections)
     name = esc(run_dir.resolve().name)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetl.rundir import read_manifest
+from edgetl.rundir import bundle_manifest, read_manifest, run_bundles
 
 
 @dataclass
@@ -36,19 +37,18 @@ class RunView:
         return Path(root) if root and Path(root).is_dir() else self.data_root
 
 
-def load_view(run_dir: Path, extra_bundles: tuple[Path, ...] = ()) -> RunView:
+def load_view(run_dir: Path, extra_bundles: tuple[str | os.PathLike, ...] = ()) -> RunView:
     view = RunView(run_dir, read_manifest(run_dir))
     view.metrics = _json(run_dir / "metrics.json")
     view.parity = _json(run_dir / "parity.json")
     view.benchmark = _json(run_dir / "benchmark.json")
-    folders = sorted((run_dir / "bundles").glob("*/manifest.json")) + [b / "manifest.json" for b in extra_bundles]
+    found = run_bundles(run_dir) + [(Path(b), bundle_manifest(b)) for b in extra_bundles]
     seen = set()
-    for path in folders:
-        bundle = _json(path)
-        if bundle and bundle.get("kind") == "edgetl-bundle" and path.resolve() not in seen:
-            seen.add(path.resolve())
-            archive = path.parent.with_name(path.parent.name + ".tar.gz")
-            bundle["_folder"], bundle["_archive"] = str(path.parent), str(archive) if archive.is_file() else None
+    for folder, bundle in found:
+        if bundle is not None and folder.resolve() not in seen:
+            seen.add(folder.resolve())
+            archive = folder.with_name(folder.name + ".tar.gz")
+            bundle["_folder"], bundle["_archive"] = str(folder), str(archive) if archive.is_file() else None
             view.bundles.append(bundle)
     return view
 

@@ -1,4 +1,4 @@
-"""Latency measurement of a TFLite classifier: invoke only, median and p90 over repeated runs."""
+"""Latency measurement: median and p90 over repeated calls (a classifier's invoke, or any call)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import numpy as np
 
 def invoke_latency(model, tensor: np.ndarray, runs: int = 50, warmup: int = 5) -> dict[str, float]:
     """Time ``model.invoke(tensor)``; return milliseconds (median, p90, min) and the run count."""
+    return call_latency(lambda: model.invoke(tensor), runs, warmup)
+
+
+def call_latency(call, runs: int = 50, warmup: int = 5) -> dict[str, float]:
+    """Time ``call()`` after ``warmup`` untimed calls; milliseconds (median, p90, min) and the run count."""
     for _ in range(warmup):
-        model.invoke(tensor)
+        call()
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
-        model.invoke(tensor)
+        call()
         samples.append((time.perf_counter() - start) * 1000.0)
     values = np.asarray(samples)
     return {
