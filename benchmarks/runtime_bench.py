@@ -54,7 +54,7 @@ def main() -> int:
 
     import numpy as np
 
-    from edgetl.data.decode import load_split
+    from edgetl.data.cache import load_split
     from edgetl.data.folders import discover
     from edgetl.runtime.app import load_classifier
     from edgetl.runtime.model import TFLiteClassifier

@@ -36,6 +36,7 @@ def check_keys(given: dict[str, Any], valid: set[str], where: str) -> None:
 
 
 STRATEGIES = ("feature-extraction", "partial", "full", "auto")
+PLACEMENTS = ("auto", "device", "stream")  # edgetl.train.batches
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class FinetuneConfig:
     # Execution
     device: str = "auto"  # "auto", "cpu" or "cuda"
     decode_workers: int | None = None  # threads decoding images; None = one per CPU
+    data_placement: str = "auto"  # training images on a GPU: "device", "stream" or "auto" (edgetl.train.batches)
     compile: bool = False  # torch.compile the model (CUDA only; slower first epoch, faster after)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,8 @@ class FinetuneConfig:
             raise bad("finetune_lr", "must be > 0")
         if self.unfreeze_from is not None and self.unfreeze_from < 0:
             raise bad("unfreeze_from", "must be >= 0")
+        if self.data_placement not in PLACEMENTS:
+            raise bad("data_placement", f"expected one of {', '.join(PLACEMENTS)}")
         if self.strategy not in STRATEGIES:
             raise bad("strategy", f"expected one of {', '.join(STRATEGIES)}")
         if not 0 < self.layer_decay <= 1:

@@ -46,6 +46,22 @@ def _one_thread_and_no_network():
     socket.socket.connect = guard["_connect"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_image_cache(tmp_path_factory):
+    """One decoded-image cache for the session (subprocesses inherit it), never the user's own."""
+    import os
+
+    from edgetl.data.cache import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("image-cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """No EDGETL_WEIGHTS from the developer's shell; an empty torch hub cache."""

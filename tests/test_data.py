@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.data.decode import decode_image, load_split
+from edgetl.data.cache import load_split
+from edgetl.data.decode import decode_image
 from edgetl.data.folders import discover
 from edgetl.errors import DataError
 from edgetl.runtime.preprocess import PreprocessSpec, load_image

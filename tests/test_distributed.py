@@ -11,6 +11,7 @@ import torch
 from conftest import interrupt_toy_run
 
 from edgetl.cli.commands import without_option
+from edgetl.data.cache import entries
 from edgetl.rundir import read_manifest, verify_files
 from edgetl.train.checkpoint import STATE_PATH
 
@@ -27,12 +28,14 @@ def test_two_processes_resume_a_run_and_only_rank_0_writes(toy_data, tmp_path, m
     before = torch.load(run_dir / STATE_PATH, weights_only=False)["model"]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    cache = tmp_path / "fresh-cache"  # the ranks build it: one builds each entry, the other maps it
     proc = subprocess.run(
         [sys.executable, "-m", "edgetl", "finetune", str(toy_data), "--out", str(run_dir), "--resume",
-         "--nproc", "2", "--device", "cpu", "--json"],
+         "--nproc", "2", "--device", "cpu", "--cache-dir", str(cache), "--json"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(e["mode"] for e in entries(cache)) == ["eval", "eval", "train"]  # no duplicate, no leftover
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stdout  # one report, from rank 0
     result = json.loads(lines[0])

@@ -97,7 +97,7 @@ def test_float_exports_match_pytorch_within_1e_4(exported_run):
     _, run_dir = exported_run
     model, checkpoint = load_checkpoint(run_dir)
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
-    from edgetl.data.decode import load_split
+    from edgetl.data.cache import load_split
 
     root = read_manifest(run_dir)["stages"]["finetune"]["data"]["root"]
     val = load_split(discover(root).val, spec.resize_size, spec, eval_crop=True)

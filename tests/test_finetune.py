@@ -65,7 +65,7 @@ def test_checkpoint_reloads_to_the_reported_accuracy(toy_run, toy_data):
     result, run_dir = toy_run
     model, checkpoint = load_checkpoint(run_dir)
     assert checkpoint["labels"] == list(TOY_CLASSES)
-    from edgetl.data.decode import load_split
+    from edgetl.data.cache import load_split
     from edgetl.data.folders import discover
     from edgetl.runtime.preprocess import PreprocessSpec
 

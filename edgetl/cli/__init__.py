@@ -1,7 +1,8 @@
 """The ``edgetl`` command line: a thin layer over the library (:mod:`edgetl.cli.commands`), with one
 edge where errors become exit codes (:mod:`edgetl.cli.edge`)."""
 
+from edgetl.cli.cache import cache_group  # registers edgetl cache ls / clear
 from edgetl.cli.commands import main
 from edgetl.cli.views import benchmark_command, report_command  # registers the commands that show a run
 
-__all__ = ["benchmark_command", "main", "report_command"]
+__all__ = ["benchmark_command", "cache_group", "main", "report_command"]

@@ -17,7 +17,16 @@ from typing import Any
 import click
 
 from edgetl import __version__
-from edgetl.cli.edge import FRACTION, NON_NEGATIVE, POSITIVE, EdgetlGroup, Finite, one_line, setup_logging
+from edgetl.cli.edge import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    EdgetlGroup,
+    Finite,
+    cache_dir_option,
+    one_line,
+    setup_logging,  # fmt: skip
+)
 from edgetl.errors import ExitCode, require
 
 log = logging.getLogger("edgetl")
@@ -124,6 +133,9 @@ def load_target(name: str) -> Any:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA only) [off].")
+@click.option("--data-placement", type=click.Choice(["auto", "device", "stream"]), default=None,
+              help="Training images on a GPU: copied to it, or streamed from host memory [auto: by size].")
+@cache_dir_option
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes (DDP via torchrun): one per GPU, or CPU processes.")
 @click.option("--target", default=None, help="Take input size (and width) from this target.")
@@ -190,6 +202,7 @@ def demo(data: str | None, out_dir: str, with_export: bool, as_json: bool) -> No
 
 
 @main.command()
+@cache_dir_option
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--int8/--no-int8", default=None, help="Also make the full-integer model [on, or as the target needs].")
 @click.option("--target", default=None, help="Take quantisation and parity thresholds from this target.")
@@ -234,6 +247,7 @@ def export(run_dir: str, int8: bool | None, target: str | None, calib: str | Non
 
 
 @main.command("qat")
+@cache_dir_option
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="The new run directory.")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Epochs with simulated int8.")
@@ -264,6 +278,7 @@ def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, 
 
 
 @main.command("check")
+@cache_dir_option
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="Evaluate on this folder (DATA/<class>/...) instead of the run's val split.")
@@ -321,6 +336,7 @@ def targets_stamp(name: str, stage: str) -> None:
 
 
 @main.command("package")
+@cache_dir_option
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--target", required=True, help="Target name or .toml path.")
 @click.option("--out", type=click.Path(path_type=str), default=None, help="Output folder [RUN_DIR/bundles].")

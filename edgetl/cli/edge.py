@@ -111,3 +111,17 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+
+
+def _use_cache_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--cache-dir``: this process and the processes it starts (torchrun's ranks) use that cache."""
+    if value:
+        from edgetl.data.cache import CACHE_ENV
+
+        os.environ[CACHE_ENV] = os.path.abspath(os.path.expanduser(value))
+
+
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=str), default=None, expose_value=False,
+    callback=_use_cache_dir, help="Decoded-image cache folder [$EDGETL_CACHE_DIR or ~/.cache/edgetl/images].",
+)  # fmt: skip

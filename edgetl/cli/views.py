@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from edgetl.cli.commands import Listing, finish, main, report_after
+from edgetl.cli.edge import cache_dir_option
 from edgetl.errors import RunDirError
 
 
@@ -38,6 +39,7 @@ def _thread_counts(value: str) -> list[int]:
 
 
 @main.command("benchmark")
+@cache_dir_option
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--threads", default="1,2,4", show_default=True, help="Thread counts to time, comma-separated.")
 @click.option("--data", type=click.Path(path_type=str), default=None,

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data.decode import LoadedSplit, load_split
+from edgetl.data.cache import load_split
+from edgetl.data.decode import LoadedSplit
 from edgetl.data.folders import DatasetSplits, Sample, discover, image_files
 from edgetl.errors import DataError, RunDirError
 from edgetl.runtime.preprocess import PreprocessSpec

@@ -208,7 +208,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path,
         RunDirError, DataError: as :func:`edgetl.export.artifacts.export` (no run, changed data, leakage).
     """
     from edgetl.config import FinetuneConfig
-    from edgetl.data.decode import load_split
+    from edgetl.data.cache import load_split
     from edgetl.data.heldout import evaluation_set
     from edgetl.quantize.recipes import calibration_set, load_recipe
     from edgetl.rundir import read_manifest

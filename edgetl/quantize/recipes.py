@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from edgetl.config import check_keys, data_dir
-from edgetl.data.decode import LoadedSplit, load_split
+from edgetl.data.cache import load_split
+from edgetl.data.decode import LoadedSplit
 from edgetl.data.folders import IMAGE_EXTENSIONS, DatasetSplits, Sample
 from edgetl.errors import ConfigError, DataError, first_line
 from edgetl.rundir import sha256_file
@@ -146,23 +147,26 @@ def calibration_set(
     loaded = load_split(samples, spec.resize_size, spec, eval_crop=True)
     if guard_paths or guard_split is not None:
         guarded = dict(zip(guard_split.digests, guard_split.paths, strict=True)) if guard_split is not None else {}
-        _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guarded, guard_paths or [])
+        _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guarded, guard_paths or [],
+                        spec.resize_size)
     digest = hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest()
     description.update({"count": len(loaded.paths), "sha256": digest})
     return CalibrationSet(images=loaded.images, paths=loaded.paths, sha256=digest, description=description)
 
 
-def _refuse_leakage(calibration: dict[str, str], guarded: dict[str, str], guard_paths: list[str]) -> None:
+def _refuse_leakage(calibration: dict[str, str], guarded: dict[str, str], guard_paths: list[str],
+                    min_side: int) -> None:  # fmt: skip
     """Refuse calibration images whose decoded pixels equal a guarded image's (a copy, a rename or a
     lossless re-encode of a validation image is the same image; comparing file bytes misses the last).
-    ``guarded``: digest -> path of images decoded already; ``guard_paths`` are decoded here."""
+    ``guarded``: digest -> path of images decoded already; ``guard_paths`` are decoded here, at the
+    scale the splits were (``min_side``: the model's resize size)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from edgetl.data.decode import decode_image, pixel_digest
 
     def digest(path: str) -> str | None:
         try:
-            return pixel_digest(decode_image(path))
+            return pixel_digest(decode_image(path, min_side))
         except ValueError:  # unreadable: parity skips it too
             return None
 

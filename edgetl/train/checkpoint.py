@@ -26,7 +26,7 @@ CHECKPOINT_FORMAT = "edgetl-checkpoint"
 CHECKPOINT_VERSION = 1
 STATE_PATH = "checkpoints/last.pt"
 # Settings that may differ between the start of a run and its resumption.
-RESUMABLE_OVERRIDES = frozenset({"device", "decode_workers", "compile"})
+RESUMABLE_OVERRIDES = frozenset({"device", "decode_workers", "compile", "data_placement"})
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ unfreezes ``features[unfreeze_from:]`` and continues with a lower learning rate 
 linear warm-up and a cosine decay, and early stopping on validation loss. The best epoch's weights are
 what the run keeps.
 
-The input pipeline decodes every image once into uint8 memory; random resized crops, flips and colour
-jitter are done on whole batches with tensor ops on the training device (:mod:`edgetl.train.augment`).
+Every image is decoded once into the on-disk image cache (:mod:`edgetl.data.cache`) and trained from
+its memory map, on the GPU or streamed to it (:mod:`edgetl.train.batches`); random resized crops, flips
+and colour jitter are done on whole batches with tensor ops on the training device
+(:mod:`edgetl.train.augment`).
 
 After every epoch the complete training state is saved atomically to ``checkpoints/last.pt``; a run
 stopped by Ctrl-C or a kill resumes from there with ``resume=True``.
@@ -26,12 +28,14 @@ import numpy as np
 import torch
 
 from edgetl.config import FinetuneConfig
-from edgetl.data.decode import LoadedSplit, load_split
+from edgetl.data.decode import LoadedSplit
 from edgetl.data.folders import DatasetSplits, discover
+from edgetl.data.splits import held_out_overlap, load_splits
 from edgetl.errors import ConfigError, DataError, Interrupted, RunDirError, TrainingDiverged
 from edgetl.rundir import MODEL, run_lock
 from edgetl.runtime.preprocess import PreprocessSpec
 from edgetl.train import distributed
+from edgetl.train.batches import place
 from edgetl.train.checkpoint import (
     RESUMABLE_OVERRIDES,
     STATE_PATH,
@@ -42,7 +46,7 @@ from edgetl.train.checkpoint import (
     save_state,
 )
 from edgetl.train.cpu_heap import retained_heap
-from edgetl.train.loop import evaluate, progress, train_one_epoch
+from edgetl.train.loop import evaluate, train_one_epoch
 from edgetl.train.model import (
     EdgeClassifier,
     load_initial_weights,
@@ -55,7 +59,7 @@ from edgetl.train.strategy import first_trainable, race
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneResult", "finetune", "held_out_overlap", "resolve_device", "seed_everything"]
+__all__ = ["FinetuneResult", "finetune", "resolve_device", "seed_everything"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,7 +137,7 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, resum
     state = _starting_state(model, cfg, splits, resumed, run_dir)
     # Decoding comes after the weights are resolved, so that bad weights fail fast.
     skipped: list[dict[str, str]] = []
-    loaded = _load_data(splits, spec, cfg, skipped)
+    loaded = load_splits(splits, spec, cfg.decode_workers, skipped, ctx.is_main)
     overlap = held_out_overlap(loaded)
     model.to(device)
     if device.type == "cuda":
@@ -145,7 +149,8 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, resum
         return None
     model.load_state_dict(state.best["state"])
     final_first = trainer.first if trainer.first is not None else unfreeze_from
-    finished = Finished(run_dir, model, splits, spec, cfg, device, loaded, state, skipped, final_first, overlap)
+    finished = Finished(run_dir, model, splits, spec, cfg, device, loaded, state, skipped, final_first, overlap,
+                        trainer.train_source.where)
     result = finalize(finished)
     result.seconds = time.perf_counter() - started
     result.processes = ctx.world
@@ -197,50 +202,6 @@ def _starting_state(model: EdgeClassifier, cfg: FinetuneConfig, splits: DatasetS
     )  # fmt: skip
 
 
-def _load_data(
-    splits: DatasetSplits, spec: PreprocessSpec, cfg: FinetuneConfig, skipped: list[dict[str, str]]
-) -> dict[str, LoadedSplit]:
-    loaded = {}
-    for name, eval_crop in (("train", False), ("val", True), ("test", True)):
-        samples = getattr(splits, name)
-        t0 = time.perf_counter()
-        with progress(len(samples), f"decoding {name}") as bar:
-            loaded[name] = load_split(
-                samples, spec.resize_size, spec, eval_crop=eval_crop,
-                workers=cfg.decode_workers, skipped=skipped,
-                progress=lambda done, bar=bar: bar.update(done - bar.n),
-            )  # fmt: skip
-        if samples:
-            log.info("decoded %d %s images in %.1fs", len(samples), name, time.perf_counter() - t0)
-    present = set(loaded["train"].labels.tolist())
-    missing = [c for i, c in enumerate(splits.classes) if i not in present]
-    if missing:
-        raise DataError(f"no readable training images left for class(es): {', '.join(missing)}")
-    return loaded
-
-
-def held_out_overlap(loaded: dict[str, LoadedSplit]) -> dict[str, int]:
-    """How many validation and test images are also training images (same decoded pixels).
-
-    Every validation image in training is refused: the accuracy and early stopping would measure
-    memory, not the model. Some is warned about loudly and recorded in metrics.json.
-
-    Raises:
-        DataError: the validation split is wholly contained in the training split.
-    """
-    seen = set(loaded["train"].digests)
-    overlap = {name: sum(d in seen for d in loaded[name].digests) for name in ("val", "test")}
-    val_count = len(loaded["val"].digests)
-    if val_count and overlap["val"] == val_count:
-        raise DataError(f"all {val_count} validation images are also training images (same pixels)",
-                        hint="give val/ images that are not in train/, or drop val/ to split train/")  # fmt: skip
-    for name, count in overlap.items():
-        if count:
-            log.warning("%d of %d %s images are ALSO TRAINING IMAGES (same pixels): their accuracy overstates "
-                        "the model; remove them from one of the splits", count, len(loaded[name].digests), name)
-    return overlap
-
-
 class Trainer:
     """The epochs of one run: phases, optimisers, the divergence and early-stopping rules, the
     checkpoint after every epoch. Its :class:`TrainingState` is the only state that carries over."""
@@ -251,7 +212,8 @@ class Trainer:
         self.model, self.cfg, self.device, self.ctx = model, cfg, device, ctx
         self.unfreeze_from, self.run_dir, self.state, self.classes = unfreeze_from, run_dir, state, classes
         self.train, self.val = loaded["train"], loaded["val"]
-        self.train_on_device = torch.from_numpy(self.train.images).to(device)
+        self.train_source = place(self.train.images, device, cfg.data_placement)
+        log.info("training images (%.2f GiB): %s", self.train.images.nbytes / 2**30, self.train_source.where)
         self.steps_per_epoch = max(1, math.ceil(len(self.train.labels) / cfg.batch_size))
         self.total_epochs = cfg.head_epochs + cfg.finetune_epochs
         self.resumed = resumed  # its optimizer state applies once, to the phase it was saved in
@@ -301,7 +263,7 @@ class Trainer:
         lr_head, lr_backbone = group_lr(self.optimizer, "head"), top_backbone_lr(self.optimizer)
         desc = f"epoch {epoch + 1}/{self.total_epochs} (phase {phase})"
         set_train_mode(self.model, phase, first, self.cfg.bn)
-        stats = train_one_epoch(self.forward, self.train_on_device, self.train.labels, self.cfg, self.optimizer,
+        stats = train_one_epoch(self.forward, self.train_source, self.train.labels, self.cfg, self.optimizer,
                                 self.scheduler, self.device, epoch, desc=desc, ctx=self.ctx)  # fmt: skip
         val = evaluate(self.model, self.val.images, self.val.labels, self.classes, self.device)
         self._refuse_divergence(epoch, stats["train_loss"], val["loss"])

@@ -21,6 +21,7 @@ from torch import nn
 
 from edgetl.config import FinetuneConfig
 from edgetl.train.augment import augment, to_model_input
+from edgetl.train.batches import Resident, Source, Streamed
 from edgetl.train.distributed import Context
 
 # (augmented pixels, logits, labels) -> the batch's loss
@@ -49,7 +50,7 @@ def progress(total: int, desc: str, enabled: bool = True):
 
 def train_one_epoch(
     forward: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | Source,
     labels: np.ndarray,
     cfg: FinetuneConfig,
     optimizer: torch.optim.Optimizer,
@@ -65,27 +66,28 @@ def train_one_epoch(
     """One pass over a split. Returns loss, accuracy, images/s and seconds (all ranks together).
 
     ``forward``: what the batches go through (the caller sets its train/eval modes); ``images``: uint8
-    ``[N, S, S, 3]`` on ``device``; ``cfg``: batch size, output size, augmentation, label smoothing, seed;
-    ``epoch`` seeds the order and augmentation (:func:`_epoch_plan`); under DDP (``ctx``) each rank takes
-    every ``world``-th image of each global batch; ``loss_fn``: default cross-entropy with label
-    smoothing; ``drop_single``: drop a last batch of one (train-mode BatchNorm cannot normalise it).
+    ``[N, S, S, 3]`` on ``device``, or a :mod:`edgetl.train.batches` placement of them; ``cfg``: batch
+    size, output size, augmentation, label smoothing, seed; ``epoch`` seeds the order and augmentation
+    (:func:`_epoch_plan`); under DDP (``ctx``) each rank takes every ``world``-th image of each global
+    batch; ``loss_fn``: default cross-entropy with label smoothing; ``drop_single``: drop a last batch of
+    one (train-mode BatchNorm cannot normalise it).
     Loss and accuracy accumulate on the device: no host synchronisation per step.
     """
     if loss_fn is None:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         loss_fn = lambda pixels, logits, targets: criterion(logits.float(), targets)  # noqa: E731
-    order_on_device, n_used, generator = _epoch_plan(len(labels), cfg, epoch, ctx.rank, device, drop_single)
-    labels_all = torch.from_numpy(labels).to(device)
+    order, n_used, generator = _epoch_plan(len(labels), cfg, epoch, ctx.rank, device, drop_single)
+    plan = [order[begin : min(begin + cfg.batch_size, n_used)][ctx.rank :: ctx.world]
+            for begin in range(0, n_used, cfg.batch_size)]  # fmt: skip
+    source = images if isinstance(images, Resident | Streamed) else Resident(images, str(images.device))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     _synchronize(device)
     start = time.perf_counter()
     with progress(n_used, desc, ctx.is_main) as bar:
-        for begin in range(0, n_used, cfg.batch_size):
-            index = order_on_device[begin : min(begin + cfg.batch_size, n_used)][ctx.rank :: ctx.world]
-            pixels = augment(images[index], cfg.image_size, cfg, generator)
-            targets = labels_all[index]
+        for index, (batch, targets) in zip(plan, source.batches(plan, labels), strict=True):
+            pixels = augment(batch, cfg.image_size, cfg, generator)
             with autocast(device):
                 logits = forward(channels_last(pixels, device))
                 loss = loss_fn(pixels, logits, targets)
@@ -110,7 +112,7 @@ def train_one_epoch(
 
 
 def _epoch_plan(count: int, cfg: FinetuneConfig, epoch: int, rank: int, device: torch.device,
-                drop_single: bool) -> tuple[torch.Tensor, int, torch.Generator]:  # fmt: skip
+                drop_single: bool) -> tuple[np.ndarray, int, torch.Generator]:  # fmt: skip
     """The epoch's batch order, how many images it uses and the augmentation's random source, all
     drawn from (seed, epoch): a resumed run draws what the uninterrupted one would."""
     order = np.random.default_rng([cfg.seed, epoch]).permutation(count)
@@ -118,7 +120,7 @@ def _epoch_plan(count: int, cfg: FinetuneConfig, epoch: int, rank: int, device: 
     torch.manual_seed(epoch_seed)  # dropout
     generator = torch.Generator(device=device).manual_seed(epoch_seed)
     n_used = count - 1 if drop_single and count % cfg.batch_size == 1 and count > 1 else count
-    return torch.from_numpy(order).to(device), n_used, generator
+    return order, n_used, generator
 
 
 def _synchronize(device: torch.device) -> None:

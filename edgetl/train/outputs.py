@@ -14,6 +14,7 @@ import torch
 from edgetl import charts
 from edgetl.data.decode import LoadedSplit
 from edgetl.data.folders import DatasetSplits
+from edgetl.data.splits import cache_record
 from edgetl.rundir import MODEL, atomic_write, update_manifest, write_json
 from edgetl.runtime.preprocess import PreprocessSpec
 from edgetl.train.checkpoint import ModelCard, TrainingState, save_model
@@ -67,6 +68,7 @@ class Finished:
     skipped: list[dict[str, str]]
     unfreeze_from: int
     overlap: dict[str, int]
+    placement: str = ""  # where the training images were while it trained (edgetl.train.batches)
 
     @property
     def card(self) -> ModelCard:
@@ -169,6 +171,7 @@ def _metrics(run: Finished, val_metrics: dict[str, Any], test_metrics: dict[str,
         "skipped_files": run.skipped,
         "classes": splits.classes,
         "strategy": strategy_record(run),
+        "data": {"cache": cache_record(run.loaded), "training_images": run.placement},
     }
 
 
