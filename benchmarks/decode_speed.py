@@ -5,9 +5,11 @@ upscaled before encoding, quality 90), one thread, per model input size:
 
 - before: ``decode_image(path)`` (full size), then the training crop (shorter side area-resized to the
   model's resize size, centre crop) and the pixel digest, as edgetl did;
-- after: ``edgetl.data.decode.decode_sample`` (Pillow ``draft`` for a JPEG at least twice the resize size:
-  DCT scaling by the largest of 1/2, 1/4, 1/8 that keeps both sides >= the resize size), the same crop
-  and digest;
+- after: ``edgetl.data.decode.decode_sample`` (Pillow ``draft`` for a JPEG at least four times the resize
+  size: DCT scaling by the largest of 1/2, 1/4, 1/8 that keeps both sides >= 2x the resize size), the
+  same crop and digest;
+- resize noise, for scale: |Pillow's antialiased bilinear - OpenCV's area| resize of the same full decode
+  (two standard resizers of one image);
 - difference: mean, 99th percentile and max of |after - before| of the model's input crop (``prepare``).
 
 Writes ``benchmarks/results/decode_speed.{json,md}``.
@@ -31,14 +33,23 @@ from _common import machine, write_result  # noqa: E402
 
 
 def large_jpeg(job: tuple[str, int]) -> None:
-    """A 4000x3000 photo: the 500x375 recipe upscaled 8x (bicubic), fine noise added, quality 90."""
-    from gpu_throughput import _jpeg
-    from PIL import Image
+    """A 4000x3000 photo-like JPEG drawn at full resolution: ``gpu_throughput._jpeg``'s recipe (gradient,
+    sharp-edged ellipses, per-pixel noise sigma 8) scaled 8x, quality 90: detail down to the pixel."""
+    from PIL import Image, ImageDraw
 
     path, seed = job
-    _jpeg((path, seed))
-    image = Image.open(path).convert("RGB").resize((4000, 3000), Image.BICUBIC)
-    pixels = np.asarray(image, np.float32) + np.random.default_rng(seed).normal(0, 3, (3000, 4000, 3))
+    rng = np.random.default_rng(seed)
+    h, w = 3000, 4000
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+    base = rng.uniform(0, 255, 3) + rng.uniform(-120, 120, 3) * xx[..., None]
+    base = base + rng.uniform(-120, 120, 3) * yy[..., None]
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 9)):
+        x0, y0 = rng.integers(0, w - 480), rng.integers(0, h - 480)
+        box = [int(x0), int(y0), int(x0 + rng.integers(320, 1760)), int(y0 + rng.integers(320, 1440))]
+        draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    pixels = np.asarray(image, np.float32) + rng.normal(0, 8, (h, w, 3)).astype(np.float32)
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
@@ -79,17 +90,33 @@ def measure(paths: list[Path], image_size: int, repeat: int) -> dict:
     def after(path: Path) -> None:
         decode_sample(path, spec.resize_size, spec, eval_crop=False)
 
-    diffs = np.concatenate([
-        np.abs(prepare(decode_image(p, spec.resize_size), spec).astype(np.int16)
-               - prepare(decode_image(p), spec).astype(np.int16)).ravel()
-        for p in paths[:20]
-    ])  # fmt: skip
+    diffs, noise = [], []
+    for path in paths[:20]:
+        full = decode_image(path)
+        reference = prepare(full, spec).astype(np.int16)
+        diffs.append(np.abs(prepare(decode_image(path, spec.resize_size), spec) - reference).ravel())
+        noise.append(np.abs(_pillow_input(full, spec) - reference).ravel())
+    diffs, noise = np.concatenate(diffs), np.concatenate(noise)
     full = decode_image(paths[0]).shape
     reduced = decode_image(paths[0], spec.resize_size).shape
     return {"image_size": image_size, "resize_size": spec.resize_size,
             "before_per_s": per_second(before, paths, repeat), "after_per_s": per_second(after, paths, repeat),
             "decoded_shape": [full[:2], reduced[:2]], "diff_mean": float(diffs.mean()),
-            "diff_p99": float(np.percentile(diffs, 99)), "diff_max": int(diffs.max())}  # fmt: skip
+            "diff_p99": float(np.percentile(diffs, 99)), "diff_max": int(diffs.max()),
+            "noise_mean": float(noise.mean()), "noise_p99": float(np.percentile(noise, 99))}  # fmt: skip
+
+
+def _pillow_input(image: np.ndarray, spec) -> np.ndarray:
+    """The model input made with Pillow's antialiased bilinear resize instead of OpenCV's area resize."""
+    from PIL import Image
+
+    from edgetl.runtime.preprocess import center_crop
+
+    h, w = image.shape[:2]
+    scale = spec.resize_size / min(h, w)
+    size = (max(spec.resize_size, round(w * scale)), max(spec.resize_size, round(h * scale)))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return center_crop(resized, spec.image_size).astype(np.int16)
 
 
 def main() -> None:
@@ -98,15 +125,24 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=200, help="500x375 JPEGs.")
     parser.add_argument("--large", type=int, default=20, help="4000x3000 JPEGs.")
     parser.add_argument("--repeat", type=int, default=3, help="Timed passes; the fastest counts.")
+    parser.add_argument("--margin", type=int, default=None,
+                        help="Decode at reduced scale down to this x the resize size [edgetl's DRAFT_MARGIN, 2]")
     args = parser.parse_args()
+    from edgetl.data import decode
+
+    if args.margin is not None:
+        decode.DRAFT_MARGIN = args.margin
+    args.margin = decode.DRAFT_MARGIN
     from gpu_throughput import _jpeg
 
     sets = {"500x375": images(args.work, "small", args.small, _jpeg),
-            "4000x3000": images(args.work, "large", args.large, large_jpeg)}  # fmt: skip
+            "4000x3000": images(args.work, "large_sharp", args.large, large_jpeg)}  # fmt: skip
     rows = [{"images": name, "count": len(paths), **measure(paths, size, args.repeat)}
             for name, paths in sets.items() for size in (128, 224)]  # fmt: skip
     result = {"machine": machine(), "rows": rows}
-    write_result("decode_speed", result, markdown(result, args))
+    result["margin"] = args.margin
+    name = "decode_speed" if args.margin == 2 else f"decode_speed_margin{args.margin}"
+    write_result(name, result, markdown(result, args))
 
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
@@ -114,14 +150,16 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         "# JPEG decode per core: full size vs reduced in the codec (Pillow draft)",
         "",
         f"Command: `python benchmarks/decode_speed.py --work DIR --small {args.small} --large {args.large} "
-        f"--repeat {args.repeat}`",
+        f"--repeat {args.repeat}" + (f" --margin {args.margin}`" if args.margin != 2 else "`"),
+        f"Reduced-scale decode keeps both sides >= {args.margin}x the resize size.",
         f"Machine: {result['machine']['cpu']}, one thread; images/s of decode + training crop + pixel digest, "
         f"the fastest of {args.repeat} passes. Difference: |reduced - full| of the model's input crop (`prepare`), "
-        "in 0..255 levels, over the first 20 images.",
+        "in 0..255 levels, over the first 20 images; resize noise: |Pillow antialiased bilinear - OpenCV area| of the "
+        "same full decode.",
         "",
         "| JPEGs | model input | decoded at | before img/s | after img/s | speed-up | mean diff | p99 diff "
-        "| max diff |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| max diff | resize noise mean / p99 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         full, reduced = row["decoded_shape"]
@@ -130,7 +168,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
             f"| {reduced[1]}x{reduced[0]} of {full[1]}x{full[0]} | {row['before_per_s']:.1f} "
             f"| {row['after_per_s']:.1f} "
             f"| {row['after_per_s'] / row['before_per_s']:.2f}x | {row['diff_mean']:.2f} | {row['diff_p99']:.0f} "
-            f"| {row['diff_max']} |"
+            f"| {row['diff_max']} | {row['noise_mean']:.2f} / {row['noise_p99']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -164,13 +164,16 @@ def dataloader_loop(
     return seen / (time.perf_counter() - t0)
 
 
-def edgetl_end_to_end(data: Path, run: Path, batch: int, epochs: int, workers: int, size: int, device) -> dict:
+def edgetl_end_to_end(data: Path, run: Path, batch: int, epochs: int, workers: int, size: int, device,
+                      placement: str = "auto") -> dict:  # fmt: skip
+    """``finetune`` with the training images ``placement`` ("device": on the GPU; "stream": streamed from
+    the image cache's memory map through pinned memory); the image cache is the caller's $EDGETL_CACHE_DIR."""
     from edgetl.config import FinetuneConfig
     from edgetl.train.finetune import finetune
 
     cfg = FinetuneConfig(batch_size=batch, head_epochs=epochs, finetune_epochs=epochs, weights="none",
                          compile=device.type == "cuda", device=device.type, patience=0, decode_workers=workers,
-                         image_size=size)  # fmt: skip
+                         image_size=size, strategy="partial", data_placement=placement)  # fmt: skip
     import csv
 
     t0 = time.perf_counter()
@@ -178,7 +181,9 @@ def edgetl_end_to_end(data: Path, run: Path, batch: int, epochs: int, workers: i
     wall = time.perf_counter() - t0
     with open(run / "history.csv") as fh:
         history = [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(fh)]
-    return {"wall_s": wall, "epochs": history}
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {"wall_s": wall, "epochs": history, "placement": metrics["data"]["training_images"],
+            "cache": metrics["data"]["cache"]}
 
 
 def main() -> int:
@@ -192,6 +197,8 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma list of sections to skip: ceiling,edgetl,seed")
     parser.add_argument("--size", type=int, default=224, help="input side")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only to check the script")
+    parser.add_argument("--placements", default="device,stream",
+                        help="edgetl runs, one per training-image placement (device: on the GPU; stream: streamed)")
     args = parser.parse_args()
     import torch
 
@@ -212,6 +219,7 @@ def main() -> int:
         (out / f"gpu_throughput_{args.tag}.md").write_text(markdown(result))
 
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["EDGETL_CACHE_DIR"] = str(Path(tmp) / "cache")  # the first edgetl run builds, the next reuse
         data = Path(tmp) / "jpegs"
         t0 = time.perf_counter()
         make_dataset(data, args.images, args.workers)
@@ -233,9 +241,11 @@ def _measure(args: argparse.Namespace, skip: set, device, data: Path, tmp: Path,
                 logging.info("ceiling %s: %.0f img/s", key, result["ceiling"][key])
                 save()
     if "edgetl" not in skip:
-        result["edgetl"] = edgetl_end_to_end(data, tmp / "run", args.batch, args.epochs, args.workers, args.size,
-                                             device)  # fmt: skip
-        save()
+        result["edgetl"] = {}
+        for placement in args.placements.split(","):
+            result["edgetl"][placement] = edgetl_end_to_end(data, tmp / f"run-{placement}", args.batch, args.epochs,
+                                                            args.workers, args.size, device, placement)  # fmt: skip
+            save()
     if "seed" not in skip:
         result["seed_loop"] = {}
         for phase in (1, 2):
@@ -271,23 +281,25 @@ def markdown(r: dict) -> str:
         cell = lambda v: "-" if v is None else format(v, fmt)  # noqa: E731
         lines.append(f"| {label} | {cell(one)} | {cell(two)} |")
 
-    c, e, s, b = r.get("ceiling", {}), r.get("edgetl"), r.get("seed_loop", {}), r["batch"]
+    c, runs, s, b = r.get("ceiling", {}), r.get("edgetl") or {}, r.get("seed_loop", {}), r["batch"]
     if c:
         row("ceiling, eager (synthetic tensors on the device)", c.get("phase1_eager"), c.get("phase2_eager"))
         row("ceiling, torch.compile", c.get("phase1_compiled"), c.get("phase2_compiled"))
-    if e:
+    for placement, e in runs.items():
         p1, p2 = _phase_rate(e["epochs"], 1), _phase_rate(e["epochs"], 2)
-        row("**edgetl finetune**, epochs after each phase's first", p1, p2)
+        row(f"**edgetl finetune**, images {e.get('placement', placement)}, epochs after each phase's first", p1, p2)
         best = "compiled" if "phase1_compiled" in c else "eager"
         if c and p1 and p2:
-            row(f"ratio edgetl / {best} ceiling", p1 / c[f"phase1_{best}"], p2 / c[f"phase2_{best}"], ".2f")
+            row(f"ratio edgetl ({placement}) / {best} ceiling", p1 / c[f"phase1_{best}"], p2 / c[f"phase2_{best}"],
+                ".2f")  # fmt: skip
     if s:
         row("seed loop: ImageFolder + DataLoader, fp32, batch 8", s.get("phase1_fp32_b8"), s.get("phase2_fp32_b8"))
         row(f"same DataLoader, bf16 + channels_last, batch {b}", s.get(f"phase1_bf16_b{b}"),
             s.get(f"phase2_bf16_b{b}"))  # fmt: skip
-    if e:
-        wall = (f"edgetl end to end wall time (dataset decode, {len(e['epochs'])} epochs, compile, validation, "
-                f"final evaluation and plots): {e['wall_s']:.1f} s.")  # fmt: skip
+    for placement, e in runs.items():
+        decode = "reused from the image cache" if e.get("cache", {}).get("train", {}).get("reused") else "decoded"
+        wall = (f"edgetl end to end, images {e.get('placement', placement)} ({decode}), wall time (data, "
+                f"{len(e['epochs'])} epochs, compile, validation, final evaluation and plots): {e['wall_s']:.1f} s.")
         lines += ["", wall, "", "| epoch | phase | img/s | train-loop s |", "|---|---|---|---|"]
         for ep in e["epochs"]:
             rate, secs = ep["images_per_s"], ep["seconds"]

@@ -97,6 +97,8 @@ def test_interrupted_run_resumes_to_the_same_model(toy_run, toy_data, tmp_path, 
     reference = torch.load(reference_dir / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
     assert (run_dir / "history.csv").read_text().count("\n") == 5
+    cache = json.loads((run_dir / "metrics.json").read_text())["data"]["cache"]
+    assert all(entry["reused"] for entry in cache.values())  # the resume decoded nothing
 
 
 def test_existing_run_is_never_overwritten(toy_run, toy_data):

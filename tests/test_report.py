@@ -50,6 +50,7 @@ def test_report_after_finetune_shows_training_classes_and_mistakes(toy_run, tmp_
     for title in ("Training", "Per class", "Misclassified validation images", "Parity", "Provenance"):
         assert f"<h2>{title}" in page
     assert "Not checked yet: <code>edgetl export RUN</code>" in page
+    assert "memory-mapped from the image cache" in page and "image cache in" in page  # how the data was loaded
     metrics = json.loads((run_dir / "metrics.json").read_text())
     wrong = metrics["val"]["misclassified"]
     assert len(wrong) == metrics["val"]["count"] - round(metrics["val"]["top1"] * metrics["val"]["count"])

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "EDGETL_CACHE_DIR"
 FORMAT = 1  # bump when the entry layout or the decoder's output changes
-DECODER = "pillow-draft-1"  # the decoder's behaviour (edgetl.data.decode), part of every key
+DECODER = "pillow-draft-2x"  # the decoder's behaviour (edgetl.data.decode), part of every key
 IMAGES, META, TMP_PREFIX = "images.u8", "meta.json", "tmp-"
 
 

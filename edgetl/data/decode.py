@@ -2,12 +2,14 @@
 
 Pillow decodes any mode (EXIF orientation applied, -> RGB). Training crops come from a square
 ``resize_size`` image, evaluation uses the device preprocessing (:func:`edgetl.runtime.preprocess.prepare`).
-A JPEG at least twice the model's ``resize_size`` on both sides is decoded at a reduced scale in the
-codec (DCT scaling, Pillow's ``draft``: 1/2, 1/4 or 1/8, never below ``resize_size``) before the same
-area resize: several times faster on photos, the same model input within resize noise
-(``benchmarks/decode_speed.py``). Unreadable files are skipped and reported. An image's identity is its
-decoded pixels (:func:`pixel_digest`), not its file bytes; every decoder of one model decodes a file at the
-same scale, so identities compare across splits, calibration and parity.
+A JPEG at least four times the model's ``resize_size`` on both sides is decoded at a reduced scale in
+the codec (DCT scaling, Pillow's ``draft``: the largest of 1/2, 1/4, 1/8 that keeps both sides at least
+twice ``resize_size``) before the same area resize: 6-7x faster on 12-megapixel photos, the same model
+input within resize noise (``benchmarks/results/decode_speed.md``; scaling in the codec down to the
+resize size itself moved the input 3x more than resize noise, so the last 2x stays with the area
+resize). Unreadable files are skipped and reported. An image's identity is its decoded pixels
+(:func:`pixel_digest`), not its file bytes; every decoder of one model decodes a file at the same scale,
+so identities compare across splits, calibration and parity.
 
 :func:`decoded` runs a bounded pool: at most a few images per thread are in memory at once, whatever the
 dataset's size; :mod:`edgetl.data.cache` writes them to disk as they come.
@@ -29,13 +31,15 @@ from edgetl.data.folders import Sample
 from edgetl.errors import first_line
 from edgetl.runtime.preprocess import PreprocessSpec, center_crop, prepare, resize_shorter
 
+DRAFT_MARGIN = 2  # a reduced-scale JPEG decode keeps both sides >= this x the resize size
+
 
 def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
     """Decode an image file to an RGB uint8 array ``[H, W, 3]``.
 
     Handles grayscale, RGBA / LA / palette (alpha dropped, as OpenCV does on the device), CMYK,
-    16-bit and EXIF-rotated images. With ``min_side``, a JPEG at least twice that on both sides is
-    decoded at the largest scale of 1/2, 1/4, 1/8 that keeps both sides >= ``min_side``.
+    16-bit and EXIF-rotated images. With ``min_side``, a JPEG at least four times that on both sides is
+    decoded at the largest scale of 1/2, 1/4, 1/8 that keeps both sides >= 2 x ``min_side``.
 
     Raises:
         ValueError: the file is empty, truncated or not an image.
@@ -44,8 +48,9 @@ def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.nda
 
     try:
         with Image.open(path) as image:
-            if min_side and image.format == "JPEG" and min(image.size) >= 2 * min_side:
-                image.draft("RGB", (min_side, min_side))
+            keep = DRAFT_MARGIN * (min_side or 0)
+            if min_side and image.format == "JPEG" and min(image.size) >= 2 * keep:
+                image.draft("RGB", (keep, keep))
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
                 array = np.asarray(image, dtype=np.float64)

@@ -21,12 +21,23 @@ def training(view: RunView) -> str:
         ["kept", f"epoch {metrics.get('best_epoch')} (lowest validation loss)"],
         ["val top-1 after phase 1 / 2", phases],
         ["image size, width", f"{config.get('image_size')} px, {config.get('width')}"],
+        *_data_facts(metrics.get("data") or {}),
     ]  # fmt: skip
     body = chart(view.run_dir / "training.png", "training and validation loss and accuracy per epoch; "
                  "the dashed line is where the backbone is unfrozen")  # fmt: skip
     body += table(["", ""], [[esc(k), esc(v)] for k, v in facts], "facts")
     body += _strategy(stage.get("strategy") or metrics.get("strategy") or {})
     return section("training", "Training", body)
+
+
+def _data_facts(data: dict[str, Any]) -> list[list[str]]:
+    """Where the training images were and how each split was loaded (edgetl.data.cache)."""
+    facts = [["training images", data["training_images"]]] if data.get("training_images") else []
+    for name, entry in (data.get("cache") or {}).items():
+        how = "reused from the image cache" if entry.get("reused") else "decoded into the image cache"
+        size = entry.get("bytes", 0) / 2**20
+        facts.append([f"{name} split", f"{how} in {entry.get('seconds', 0):.1f} s ({size:,.1f} MiB)"])
+    return facts
 
 
 def _strategy(decision: dict[str, Any]) -> str:

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from edgetl.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DEVICE_SHARE = 0.5  # "auto" keeps a split on the GPU when it takes at most this share of its free memory
@@ -78,6 +80,13 @@ class Streamed:
 Source = Resident | Streamed
 
 
+def gpu_placement(nbytes: int, free: int, placement: str) -> str:
+    """"device" or "stream" for a split of ``nbytes`` on a GPU with ``free`` bytes free."""
+    if placement != "auto":
+        return placement
+    return "device" if nbytes <= DEVICE_SHARE * free else "stream"
+
+
 def place(images: np.ndarray, device: torch.device, placement: str = "auto") -> Source:
     """The split's place for training on ``device`` (see the module docstring).
 
@@ -91,11 +100,16 @@ def place(images: np.ndarray, device: torch.device, placement: str = "auto") -> 
     if device.type != "cuda":
         return Resident(torch.from_numpy(images), "memory-mapped from the image cache")
     free, _ = torch.cuda.mem_get_info(device)
-    if placement == "auto" and images.nbytes > DEVICE_SHARE * free:
+    if gpu_placement(images.nbytes, free, placement) == "stream":
         log.info("training images (%.1f GiB) stream from host memory: more than %.0f %% of the GPU's %.1f GiB free",
                  images.nbytes / 2**30, DEVICE_SHARE * 100, free / 2**30)  # fmt: skip
         return Streamed(images, device)
-    on_device = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    try:
+        on_device = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"the training images ({images.nbytes / 2**30:.1f} GiB) do not fit on the GPU "
+                          f"({free / 2**30:.1f} GiB free)",
+                          hint="use --data-placement stream (or auto)") from None  # fmt: skip
     rows = max(1, CHUNK_BYTES // max(1, images[0].nbytes if len(images) else 1))
     for start in range(0, len(images), rows):
         on_device[start : start + rows].copy_(torch.from_numpy(np.ascontiguousarray(images[start : start + rows])))
