@@ -83,9 +83,19 @@ def measured_run(argv: list[str], env: dict[str, str]) -> dict:
     return {"wall_s": time.perf_counter() - started, "peak_rss_anon_mib": peak["bytes"] / 2**20, "log": err}
 
 
+# Runs ``edgetl`` from the source tree in argv[1], bypassing the editable install's import hook (which would
+# load this checkout's package whatever PYTHONPATH says).
+FROM_TREE = ("import runpy, sys; tree = sys.argv.pop(1); "
+             "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+             "sys.path.insert(0, tree); sys.argv[0] = 'edgetl'; runpy.run_module('edgetl', run_name='__main__')")  # fmt: skip
+
+
 def finetune(data: Path, out: Path, cache: Path, *, nproc: int = 1, code: Path = REPO) -> dict:
-    env = dict(os.environ, EDGETL_CACHE_DIR=str(cache), PYTHONPATH=str(code), OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "edgetl", "finetune", str(data), "--out", str(out), *RECIPE, "--json"]
+    # PyTorch's default threads (one per core) in a single process; --nproc gives each rank one.
+    env = dict(os.environ, EDGETL_CACHE_DIR=str(cache))
+    env.pop("OMP_NUM_THREADS", None)
+    launcher = ["-m", "edgetl"] if code == REPO else ["-c", FROM_TREE, str(code)]
+    argv = [sys.executable, *launcher, "finetune", str(data), "--out", str(out), *RECIPE, "--json"]
     if nproc > 1:
         argv += ["--nproc", str(nproc)]
     result = measured_run(argv, env)

@@ -46,7 +46,7 @@ from edgetl.train.checkpoint import (
     save_state,
 )
 from edgetl.train.cpu_heap import retained_heap
-from edgetl.train.loop import evaluate, train_one_epoch
+from edgetl.train.loop import classification_metrics, predict_logits, train_one_epoch
 from edgetl.train.model import (
     EdgeClassifier,
     load_initial_weights,
@@ -265,13 +265,14 @@ class Trainer:
         set_train_mode(self.model, phase, first, self.cfg.bn)
         stats = train_one_epoch(self.forward, self.train_source, self.train.labels, self.cfg, self.optimizer,
                                 self.scheduler, self.device, epoch, desc=desc, ctx=self.ctx)  # fmt: skip
-        val = evaluate(self.model, self.val.images, self.val.labels, self.classes, self.device)
+        logits = predict_logits(self.model, self.val.images, self.device)
+        val = classification_metrics(logits, self.val.labels, self.classes)
         self._refuse_divergence(epoch, stats["train_loss"], val["loss"])
         row = {"epoch": epoch + 1, "phase": phase, **stats, "val_loss": val["loss"], "val_acc": val["top1"],
                "lr_head": lr_head, "lr_backbone": lr_backbone}  # fmt: skip
         log.info("%s: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f img/s", desc, row["train_loss"],
                  row["train_acc"], row["val_loss"], row["val_acc"], row["images_per_s"])  # fmt: skip
-        self._keep_best(row, phase)
+        self._keep_best(row, phase, logits)
         self.state.next_epoch = epoch + 1
         return row
 
@@ -317,11 +318,14 @@ class Trainer:
             self.forward = torch.compile(self.forward)
         self.first = first
 
-    def _keep_best(self, row: dict[str, Any], phase: int) -> None:
+    def _keep_best(self, row: dict[str, Any], phase: int, val_logits: np.ndarray) -> None:
+        """Keep the epoch's weights (and its validation logits, so the final evaluation need not run the
+        validation split again) when its validation loss is the lowest yet; the early-stopping count."""
         state = self.state
         state.history.append(row)
         if row["val_loss"] < state.best["val_loss"]:
-            state.best = {"val_loss": row["val_loss"], "epoch": row["epoch"], "state": cpu_state(self.model)}
+            state.best = {"val_loss": row["val_loss"], "epoch": row["epoch"], "state": cpu_state(self.model),
+                          "val_logits": torch.from_numpy(val_logits)}  # fmt: skip
             state.epochs_since_best = 0
         elif phase == 2:
             state.epochs_since_best += 1

@@ -79,7 +79,7 @@ def finalize(run: Finished) -> FinetuneResult:
     """Evaluate the best weights and write every artifact of the run."""
     classes = run.splits.classes
     val, test = run.loaded["val"], run.loaded["test"]
-    val_metrics = _evaluated(run, val)
+    val_metrics = _evaluated(run, val, run.state.best.get("val_logits"))
     test_metrics = _evaluated(run, test) if len(test.labels) else None
     best, history = run.state.best, run.state.history
     save_model(run.run_dir, run.card, best["state"], run.cfg.to_dict(), best["epoch"])
@@ -111,12 +111,13 @@ def finalize(run: Finished) -> FinetuneResult:
 LISTED_MISTAKES = 48  # misclassified images listed per split in metrics.json (the report's gallery)
 
 
-def _evaluated(run: Finished, split: LoadedSplit) -> dict[str, Any]:
-    """Classification metrics of the kept model on a split, with its misclassified images: the surest
-    mistakes first, named relative to the dataset root."""
+def _evaluated(run: Finished, split: LoadedSplit, logits: torch.Tensor | None = None) -> dict[str, Any]:
+    """Classification metrics of the kept model on a split (``logits``: its outputs there, when the
+    training loop kept them), with its misclassified images: the surest mistakes first, named relative to
+    the dataset root."""
     import numpy as np
 
-    logits = predict_logits(run.model, split.images, run.device)
+    logits = logits.numpy() if logits is not None else predict_logits(run.model, split.images, run.device)
     metrics = classification_metrics(logits, split.labels, run.splits.classes)
     shifted = np.exp(logits - logits.max(1, keepdims=True))
     confidence = (shifted / shifted.sum(1, keepdims=True)).max(1)
