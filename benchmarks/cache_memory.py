@@ -87,7 +87,8 @@ def measured_run(argv: list[str], env: dict[str, str]) -> dict:
 # load this checkout's package whatever PYTHONPATH says).
 FROM_TREE = ("import runpy, sys; tree = sys.argv.pop(1); "
              "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
-             "sys.path.insert(0, tree); sys.argv[0] = 'edgetl'; runpy.run_module('edgetl', run_name='__main__')")  # fmt: skip
+             "sys.path.insert(0, tree); sys.argv[0] = 'edgetl'; "
+             "runpy.run_module('edgetl', run_name='__main__')")  # fmt: skip
 
 
 def finetune(data: Path, out: Path, cache: Path, *, nproc: int = 1, code: Path = REPO) -> dict:

@@ -1,7 +1,7 @@
 """JPEG decode speed per core, before and after decoding at reduced scale in the codec, and what it changes.
 
-For generated photo-like JPEGs of 500x375 (``gpu_throughput._jpeg``) and 4000x3000 (the same recipe,
-upscaled before encoding, quality 90), one thread, per model input size:
+For generated photo-like JPEGs of 500x375 and 4000x3000 (``gpu_throughput._jpeg``: the same kind of
+picture drawn at full resolution, quality 90), one thread, per model input size:
 
 - before: ``decode_image(path)`` (full size), then the training crop (shorter side area-resized to the
   model's resize size, centre crop) and the pixel digest, as edgetl did;
@@ -33,24 +33,10 @@ from _common import machine, write_result  # noqa: E402
 
 
 def large_jpeg(job: tuple[str, int]) -> None:
-    """A 4000x3000 photo-like JPEG drawn at full resolution: ``gpu_throughput._jpeg``'s recipe (gradient,
-    sharp-edged ellipses, per-pixel noise sigma 8) scaled 8x, quality 90: detail down to the pixel."""
-    from PIL import Image, ImageDraw
+    """A 4000x3000 photo-like JPEG: ``gpu_throughput._jpeg``'s picture drawn at full resolution."""
+    from gpu_throughput import _jpeg
 
-    path, seed = job
-    rng = np.random.default_rng(seed)
-    h, w = 3000, 4000
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
-    base = rng.uniform(0, 255, 3) + rng.uniform(-120, 120, 3) * xx[..., None]
-    base = base + rng.uniform(-120, 120, 3) * yy[..., None]
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(3, 9)):
-        x0, y0 = rng.integers(0, w - 480), rng.integers(0, h - 480)
-        box = [int(x0), int(y0), int(x0 + rng.integers(320, 1760)), int(y0 + rng.integers(320, 1440))]
-        draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    pixels = np.asarray(image, np.float32) + rng.normal(0, 8, (h, w, 3)).astype(np.float32)
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    _jpeg((*job, 4000, 3000))
 
 
 def images(work: Path, name: str, count: int, make) -> list[Path]:
@@ -136,7 +122,7 @@ def main() -> None:
     from gpu_throughput import _jpeg
 
     sets = {"500x375": images(args.work, "small", args.small, _jpeg),
-            "4000x3000": images(args.work, "large_sharp", args.large, large_jpeg)}  # fmt: skip
+            "4000x3000": images(args.work, "large_4000", args.large, large_jpeg)}  # fmt: skip
     rows = [{"images": name, "count": len(paths), **measure(paths, size, args.repeat)}
             for name, paths in sets.items() for size in (128, 224)]  # fmt: skip
     result = {"machine": machine(), "rows": rows}

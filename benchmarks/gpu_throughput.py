@@ -35,14 +35,17 @@ from _common import RESULTS, machine  # noqa: E402
 CLASSES = 10
 
 
-def _jpeg(job: tuple[str, int]) -> None:
-    """One 500x375 photo-like JPEG: smooth gradient, shapes, sensor noise (decodes like a photo)."""
+def _jpeg(job: tuple) -> None:
+    """A photo-like JPEG, ``(path, seed)`` at 500x375 or ``(path, seed, width, height)``: smooth gradient,
+    sharp-edged shapes, sensor noise (decodes like a photo); a larger size draws the same kind of picture
+    at that resolution, with detail down to the pixel."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    path, seed = job
+    path, seed, *size = job
+    w, h = size or (500, 375)
+    k = w / 500  # shapes scale with the picture
     rng = np.random.default_rng(seed)
-    h, w = 375, 500
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     base = (
         rng.uniform(0, 255, 3) + rng.uniform(-120, 120, 3) * xx[..., None] + rng.uniform(-120, 120, 3) * yy[..., None]
@@ -50,8 +53,9 @@ def _jpeg(job: tuple[str, int]) -> None:
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(3, 9)):
-        x0, y0 = rng.integers(0, w - 60), rng.integers(0, h - 60)
-        box = [int(x0), int(y0), int(x0 + rng.integers(40, 220)), int(y0 + rng.integers(40, 180))]
+        x0, y0 = rng.integers(0, w - int(60 * k)), rng.integers(0, h - int(60 * k))
+        box = [int(x0), int(y0), int(x0 + rng.integers(int(40 * k), int(220 * k))),
+               int(y0 + rng.integers(int(40 * k), int(180 * k)))]  # fmt: skip
         draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
     pixels = np.asarray(image, np.float32) + rng.normal(0, 8, (h, w, 3))
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)

@@ -10,7 +10,7 @@ import sys
 import torch
 from conftest import interrupt_toy_run
 
-from edgetl.cli.commands import without_option
+from edgetl.cli.edge import without_option
 from edgetl.data.cache import entries
 from edgetl.rundir import read_manifest, verify_files
 from edgetl.train.checkpoint import STATE_PATH

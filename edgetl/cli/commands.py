@@ -25,7 +25,8 @@ from edgetl.cli.edge import (
     Finite,
     cache_dir_option,
     one_line,
-    setup_logging,  # fmt: skip
+    setup_logging,
+    without_option,
 )
 from edgetl.errors import ExitCode, require
 
@@ -170,19 +171,6 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
         return
     report_after(run_dir)
     finish(as_json, result, _render().finetune_summary(result))
-
-
-def without_option(argv: list[str], name: str) -> list[str]:
-    """``argv`` minus ``NAME VALUE`` / ``NAME=VALUE``."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(f"{name}="):
-            out.append(arg)
-    return out
 
 
 @main.command()

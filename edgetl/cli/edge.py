@@ -125,3 +125,16 @@ cache_dir_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False, path_type=str), default=None, expose_value=False,
     callback=_use_cache_dir, help="Decoded-image cache folder [$EDGETL_CACHE_DIR or ~/.cache/edgetl/images].",
 )  # fmt: skip
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``NAME VALUE`` / ``NAME=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out

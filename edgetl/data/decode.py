@@ -4,7 +4,7 @@ Pillow decodes any mode (EXIF orientation applied, -> RGB). Training crops come 
 ``resize_size`` image, evaluation uses the device preprocessing (:func:`edgetl.runtime.preprocess.prepare`).
 A JPEG at least four times the model's ``resize_size`` on both sides is decoded at a reduced scale in
 the codec (DCT scaling, Pillow's ``draft``: the largest of 1/2, 1/4, 1/8 that keeps both sides at least
-twice ``resize_size``) before the same area resize: 6-7x faster on 12-megapixel photos, the same model
+twice ``resize_size``) before the same area resize: 6-8x faster on 12-megapixel photos, the same model
 input within resize noise (``benchmarks/results/decode_speed.md``; scaling in the codec down to the
 resize size itself moved the input 3x more than resize noise, so the last 2x stays with the area
 resize). Unreadable files are skipped and reported. An image's identity is its decoded pixels

@@ -145,33 +145,20 @@ def calibration_set(
 
     hashes = _content_hashes([s.path for s in samples])
     loaded = load_split(samples, spec.resize_size, spec, eval_crop=True)
-    if guard_paths or guard_split is not None:
-        guarded = dict(zip(guard_split.digests, guard_split.paths, strict=True)) if guard_split is not None else {}
-        _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guarded, guard_paths or [],
-                        spec.resize_size)
+    guarded = dict(zip(guard_split.digests, guard_split.paths, strict=True)) if guard_split is not None else {}
+    if guard_paths:  # decoded once into the image cache, like every split
+        more = load_split([Sample(Path(p), -1) for p in guard_paths], spec.resize_size, spec, eval_crop=True)
+        guarded.update(zip(more.digests, more.paths, strict=True))
+    _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guarded)
     digest = hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest()
     description.update({"count": len(loaded.paths), "sha256": digest})
     return CalibrationSet(images=loaded.images, paths=loaded.paths, sha256=digest, description=description)
 
 
-def _refuse_leakage(calibration: dict[str, str], guarded: dict[str, str], guard_paths: list[str],
-                    min_side: int) -> None:  # fmt: skip
+def _refuse_leakage(calibration: dict[str, str], guarded: dict[str, str]) -> None:
     """Refuse calibration images whose decoded pixels equal a guarded image's (a copy, a rename or a
     lossless re-encode of a validation image is the same image; comparing file bytes misses the last).
-    ``guarded``: digest -> path of images decoded already; ``guard_paths`` are decoded here, at the
-    scale the splits were (``min_side``: the model's resize size)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from edgetl.data.decode import decode_image, pixel_digest
-
-    def digest(path: str) -> str | None:
-        try:
-            return pixel_digest(decode_image(path, min_side))
-        except ValueError:  # unreadable: parity skips it too
-            return None
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        guarded = {**guarded, **{d: p for p, d in zip(guard_paths, pool.map(digest, guard_paths), strict=True) if d}}
+    Both map pixel digest -> path."""
     leaked = [(path, guarded[d]) for d, path in calibration.items() if d in guarded]
     if leaked:
         first, twin = leaked[0]
