@@ -56,6 +56,16 @@ def test_second_load_maps_the_first_ones_entry(data, tmp_path):
     assert [e["state"] for e in entries(tmp_path / "c")] == ["ok"]
 
 
+def test_an_entry_names_files_as_each_caller_does(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(data.parent)
+    relative = load_split(discover("data").train, SPEC.resize_size, SPEC, eval_crop=False, root=tmp_path / "c")
+    assert relative.paths[0].startswith("data/")
+    monkeypatch.chdir(tmp_path / "c")  # another process, another working folder, the same files
+    absolute = train_split(data, tmp_path / "c")
+    assert absolute.cache["reused"] is True and absolute.cache["entry"] == relative.cache["entry"]
+    assert absolute.paths == [str(data.parent / p) for p in relative.paths]
+
+
 def test_the_toy_run_records_its_cache_entries(toy_run):
     _, run_dir = toy_run
     metrics = json.loads((run_dir / "metrics.json").read_text())

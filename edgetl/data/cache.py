@@ -1,7 +1,8 @@
 """The decoded-image cache: each split decoded once, kept on disk, memory-mapped by every process.
 
 An entry is one split of one dataset under one preprocessing: a raw uint8 array ``[N, S, S, 3]``
-(``images.u8``) and ``meta.json`` (labels, paths, pixel digests, unreadable files). Its name is a hash of
+(``images.u8``) and ``meta.json`` (which samples it holds, labels, pixel digests, unreadable files; paths
+are the caller's, so a process in another working folder names the files its own way). Its name is a hash of
 the decoder, the preprocessing, and every sample's absolute path, size, modification time and label,
 so a changed, added, removed or relabelled file gives a new entry (the quick check of rsync and make:
 a file rewritten with the same size and modification time is not noticed).
@@ -42,7 +43,7 @@ from edgetl.runtime.preprocess import PreprocessSpec
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "EDGETL_CACHE_DIR"
-FORMAT = 1  # bump when the entry layout or the decoder's output changes
+FORMAT = 2  # bump when the entry layout or the decoder's output changes
 DECODER = "pillow-draft-2x"  # the decoder's behaviour (edgetl.data.decode), part of every key
 IMAGES, META, TMP_PREFIX = "images.u8", "meta.json", "tmp-"
 
@@ -100,15 +101,16 @@ def load_split(
     started = time.perf_counter()
     root = Path(root) if root is not None else cache_root()
     key = entry_key(samples, size, spec, eval_crop)
-    loaded, reused = _open(root / key, key), True
-    if loaded is None:
+    opened, reused = _open(root / key, key), True
+    if opened is None:
         with _entry_lock(root, key):
-            loaded = _open(root / key, key)  # another process may have built it while we waited
-            if loaded is None:
+            opened = _open(root / key, key)  # another process may have built it while we waited
+            if opened is None:
                 _build(root, key, samples, size, spec, eval_crop, workers, progress)
-                loaded, reused = _open(root / key, key), False
-    if loaded is None:
+                opened, reused = _open(root / key, key), False
+    if opened is None:
         raise DataError(f"the image cache entry {root / key} could not be read back after building it")
+    loaded = _split(*opened, samples)
     for item in loaded.cache.pop("skipped"):
         log.warning("skipping unreadable image %s: %s", item["path"], item["reason"])
         if skipped is not None:
@@ -117,8 +119,9 @@ def load_split(
     return loaded
 
 
-def _open(entry: Path, key: str) -> LoadedSplit | None:
-    """The published entry, or None if there is none (or it is not a complete entry of ``key``)."""
+def _open(entry: Path, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The published entry's images and metadata, or None if there is none (or it is not a complete
+    entry of ``key``)."""
     try:
         meta = json.loads((entry / META).read_text())
         count, side = int(meta["count"]), int(meta["side"])
@@ -129,8 +132,15 @@ def _open(entry: Path, key: str) -> LoadedSplit | None:
         return None
     shape = (count, side, side, 3)
     images = np.memmap(entry / IMAGES, np.uint8, "c", shape=shape) if count else np.zeros(shape, np.uint8)
-    return LoadedSplit(images=images, labels=np.asarray(meta["labels"], np.int64), paths=list(meta["paths"]),
-                       digests=list(meta["digests"]), cache={"skipped": list(meta["skipped"])})  # fmt: skip
+    return images, meta
+
+
+def _split(images: np.ndarray, meta: dict[str, Any], samples: list[Sample]) -> LoadedSplit:
+    """An opened entry as the caller's split, its files named as the caller names them."""
+    skipped = [{"path": str(samples[item["index"]].path), "reason": item["reason"]} for item in meta["skipped"]]
+    return LoadedSplit(images=images, labels=np.asarray(meta["labels"], np.int64),
+                       paths=[str(samples[i].path) for i in meta["kept"]], digests=list(meta["digests"]),
+                       cache={"skipped": skipped})  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -188,31 +198,31 @@ def _write_images(path: Path, samples: list[Sample], size: int, spec: Preprocess
                   workers: int | None, progress: Callable[[int], None] | None, row: int) -> dict[str, Any]:  # fmt: skip
     """Append each decoded image to ``path`` as it comes; the entry's metadata (without its key)."""
     labels: list[int] = []
-    paths: list[str] = []
+    kept: list[int] = []
     digests: list[str] = []
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, Any]] = []
     with open(path, "wb") as out:
         with contextlib.suppress(OSError, AttributeError):  # reserve the space now: ENOSPC here, not later
             os.posix_fallocate(out.fileno(), 0, len(samples) * row)
-        for done, (sample, result) in enumerate(
-            decoded(samples, size, spec, eval_crop=eval_crop, workers=workers), start=1
-        ):
+        for index, (sample, result) in enumerate(decoded(samples, size, spec, eval_crop=eval_crop, workers=workers)):
             if isinstance(result, str):
-                skipped.append({"path": str(sample.path), "reason": result})
+                skipped.append({"index": index, "reason": result})
             else:
                 out.write(np.ascontiguousarray(result[0]).data)
                 labels.append(sample.label)
-                paths.append(str(sample.path))
+                kept.append(index)
                 digests.append(result[1])
             if progress is not None:
-                progress(done)
+                progress(index + 1)
         if not labels:
-            raise DataError(f"none of the {len(samples)} images could be decoded",
-                            hint="; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:2]))  # fmt: skip
+            examples = "; ".join(f"{samples[s['index']].path}: {s['reason']}" for s in skipped[:2])
+            raise DataError(f"none of the {len(samples)} images could be decoded", hint=examples)
         out.truncate(len(labels) * row)
         out.flush()
         os.fsync(out.fileno())
-    return {"count": len(labels), "labels": labels, "paths": paths, "digests": digests, "skipped": skipped}
+    first = os.path.abspath(samples[kept[0]].path)  # for edgetl cache ls
+    return {"count": len(labels), "labels": labels, "kept": kept, "digests": digests, "skipped": skipped,
+            "first": first}
 
 
 def _publish(tmp: Path, entry: Path) -> None:
@@ -280,7 +290,7 @@ def entries(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
             try:
                 meta = json.loads((path / META).read_text())
                 item.update(state="ok", images=meta["count"], side=meta["side"], mode=meta["mode"],
-                            first=meta["paths"][0] if meta["paths"] else "")  # fmt: skip
+                            first=meta["first"])  # fmt: skip
             except (OSError, ValueError, KeyError, IndexError):
                 item["state"] = "broken"
         found.append(item)
