@@ -78,6 +78,7 @@ def test_the_toy_run_records_its_cache_entries(toy_run):
 
 def test_export_check_and_qat_map_the_entries_finetune_built(toy_run):
     from edgetl.data.heldout import evaluation_set
+    from edgetl.quantize.recipes import calibration_set
     from edgetl.rundir import read_manifest
 
     _, run_dir = toy_run
@@ -86,6 +87,9 @@ def test_export_check_and_qat_map_the_entries_finetune_built(toy_run):
     assert val.cache["reused"] is True and val.cache["entry"] == built["val"]["entry"]
     again = load_split(splits.train, SPEC.resize_size, SPEC, eval_crop=False)  # as qat loads its training split
     assert again.cache["reused"] is True and again.cache["entry"] == built["train"]["entry"]
+    calibration_set(splits, SPEC, guard_samples=splits.test, guard_split=val)  # the leakage guard maps the test entry
+    test_entries = [e for e in entries(cache.cache_root()) if e.get("first") == os.path.abspath(splits.test[0].path)]
+    assert [e["entry"] for e in test_entries] == [Path(built["test"]["entry"]).name]
 
 
 def test_a_changed_file_gives_a_new_entry(data, tmp_path):

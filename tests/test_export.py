@@ -294,7 +294,7 @@ def test_leakage_guard_catches_a_copied_validation_image(toy_data, tmp_path):
     shutil.copy(splits.val[0].path, calib / "renamed.png")  # same content, another name
     with pytest.raises(DataError, match="also in the parity set"):
         calibration_set(splits, PreprocessSpec.for_size(32), calib_dir=calib,
-                        guard_paths=[str(s.path) for s in splits.val])  # fmt: skip
+                        guard_samples=splits.val)  # fmt: skip
 
 
 def test_export_cli_errors_are_one_line(tmp_path):

@@ -159,8 +159,7 @@ def _more_calibration(trial: _Trial, splits: Any, spec: Any, attempts: list[dict
     recipe = load_recipe(trial.cfg.calib)
     bigger = replace(recipe, per_class=recipe.per_class * 4, max_images=recipe.max_images * 4,
                      name=f"{recipe.name}x4")  # fmt: skip
-    guard = [str(s.path) for s in splits.test]
-    calibration = calibration_set(splits, spec, bigger, None, guard_paths=guard, guard_split=trial.val)
+    calibration = calibration_set(splits, spec, bigger, None, guard_samples=splits.test, guard_split=trial.val)
     np.save(trial.workdir / "calibration_more.npy", calibration.images)
     trial.convert(int8=True, calibration=str(trial.workdir / "calibration_more.npy"), output="candidate_int8.tflite")
     metrics = trial.evaluate(trial.workdir / "candidate_int8.tflite")

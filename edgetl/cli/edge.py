@@ -111,8 +111,6 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-
-
 def _use_cache_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     """``--cache-dir``: this process and the processes it starts (torchrun's ranks) use that cache."""
     if value:

@@ -178,8 +178,8 @@ def _calibrate(prepared: Prepared, cfg: ExportConfig) -> None:
         raise RunDirError("int8 calibration needs the run's training split, but --data replaced it",
                           hint="export without --data, or use --calib-dir with --data")  # fmt: skip
     recipe = load_recipe(cfg.calib) if cfg.calib_dir is None else None
-    guard = [str(s.path) for s in splits.test] if splits else []
-    calibration = calibration_set(splits, prepared.spec, recipe, cfg.calib_dir, guard_paths=guard, guard_split=val)
+    guard = splits.test if splits else []
+    calibration = calibration_set(splits, prepared.spec, recipe, cfg.calib_dir, guard_samples=guard, guard_split=val)
     log.info("calibration: %d images (sha256 %s…)", len(calibration.paths), calibration.sha256[:12])
     prepared.calibration = calibration
     if not cfg.equalize:

@@ -225,8 +225,7 @@ def quantization_aware_finetune(run_dir: str | Path, out_dir: str | Path,
     spec = PreprocessSpec.from_dict(checkpoint["preprocess"])
     train_cfg = FinetuneConfig.build(checkpoint["config"])  # batch size, augmentation, label smoothing, seed
     val, _, _, splits = evaluation_set(run_dir, manifest, None)
-    guard = [str(s.path) for s in splits.test]
-    calibration = calibration_set(splits, spec, load_recipe(cfg.calib), guard_paths=guard, guard_split=val)
+    calibration = calibration_set(splits, spec, load_recipe(cfg.calib), guard_samples=splits.test, guard_split=val)
     train = load_split(splits.train, spec.resize_size, spec, eval_crop=False, workers=train_cfg.decode_workers)
     model, record = _train(model, train, val, calibration, train_cfg, cfg)
     record = {"source_run": str(run_dir.resolve()), "config": dataclasses.asdict(cfg),

@@ -112,7 +112,7 @@ def calibration_set(
     spec: PreprocessSpec,
     recipe: CalibRecipe | None = None,
     calib_dir: str | os.PathLike | None = None,
-    guard_paths: list[str] | None = None,
+    guard_samples: list[Sample] | None = None,
     guard_split: LoadedSplit | None = None,
 ) -> CalibrationSet:
     """Select, decode and leakage-check the calibration images.
@@ -122,7 +122,8 @@ def calibration_set(
         spec: the model's preprocessing.
         recipe: which training images to use (ignored with ``calib_dir``).
         calib_dir: a folder of the user's own representative images instead.
-        guard_paths: files parity is measured on; none of them may be in the calibration set.
+        guard_samples: more images parity is measured on (the test split); none of them may be in the
+            calibration set. Decoded through the image cache: the run's own entry of that split.
         guard_split: images parity is measured on that are decoded already (their pixel digests are
             used as they are, not decoded again).
 
@@ -146,8 +147,8 @@ def calibration_set(
     hashes = _content_hashes([s.path for s in samples])
     loaded = load_split(samples, spec.resize_size, spec, eval_crop=True)
     guarded = dict(zip(guard_split.digests, guard_split.paths, strict=True)) if guard_split is not None else {}
-    if guard_paths:  # decoded once into the image cache, like every split
-        more = load_split([Sample(Path(p), -1) for p in guard_paths], spec.resize_size, spec, eval_crop=True)
+    if guard_samples:
+        more = load_split(guard_samples, spec.resize_size, spec, eval_crop=True)
         guarded.update(zip(more.digests, more.paths, strict=True))
     _refuse_leakage(dict(zip(loaded.digests, loaded.paths, strict=True)), guarded)
     digest = hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest()

@@ -110,7 +110,7 @@ def place(images: np.ndarray, device: torch.device, placement: str = "auto") -> 
         raise ConfigError(f"the training images ({images.nbytes / 2**30:.1f} GiB) do not fit on the GPU "
                           f"({free / 2**30:.1f} GiB free)",
                           hint="use --data-placement stream (or auto)") from None  # fmt: skip
-    rows = max(1, CHUNK_BYTES // max(1, images[0].nbytes if len(images) else 1))
+    rows = max(1, CHUNK_BYTES // int(np.prod(images.shape[1:])))
     for start in range(0, len(images), rows):
         on_device[start : start + rows].copy_(torch.from_numpy(np.ascontiguousarray(images[start : start + rows])))
     return Resident(on_device, "on the GPU")

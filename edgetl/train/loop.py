@@ -76,9 +76,7 @@ def train_one_epoch(
     if loss_fn is None:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         loss_fn = lambda pixels, logits, targets: criterion(logits.float(), targets)  # noqa: E731
-    order, n_used, generator = _epoch_plan(len(labels), cfg, epoch, ctx.rank, device, drop_single)
-    plan = [order[begin : min(begin + cfg.batch_size, n_used)][ctx.rank :: ctx.world]
-            for begin in range(0, n_used, cfg.batch_size)]  # fmt: skip
+    plan, n_used, generator = _epoch_plan(len(labels), cfg, epoch, ctx, device, drop_single)
     source = images if isinstance(images, Resident | Streamed) else Resident(images, str(images.device))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -111,16 +109,19 @@ def train_one_epoch(
     }
 
 
-def _epoch_plan(count: int, cfg: FinetuneConfig, epoch: int, rank: int, device: torch.device,
-                drop_single: bool) -> tuple[np.ndarray, int, torch.Generator]:  # fmt: skip
-    """The epoch's batch order, how many images it uses and the augmentation's random source, all
-    drawn from (seed, epoch): a resumed run draws what the uninterrupted one would."""
+def _epoch_plan(count: int, cfg: FinetuneConfig, epoch: int, ctx: Context, device: torch.device,
+                drop_single: bool) -> tuple[list[np.ndarray], int, torch.Generator]:  # fmt: skip
+    """The epoch's batches (this rank's indices of each global batch), how many images it uses and the
+    augmentation's random source, all drawn from (seed, epoch): a resumed run draws what the
+    uninterrupted one would."""
     order = np.random.default_rng([cfg.seed, epoch]).permutation(count)
-    epoch_seed = cfg.seed * 100_003 + epoch + 7_919 * rank
+    epoch_seed = cfg.seed * 100_003 + epoch + 7_919 * ctx.rank
     torch.manual_seed(epoch_seed)  # dropout
     generator = torch.Generator(device=device).manual_seed(epoch_seed)
     n_used = count - 1 if drop_single and count % cfg.batch_size == 1 and count > 1 else count
-    return order, n_used, generator
+    plan = [order[begin : min(begin + cfg.batch_size, n_used)][ctx.rank :: ctx.world]
+            for begin in range(0, n_used, cfg.batch_size)]  # fmt: skip
+    return plan, n_used, generator
 
 
 def _synchronize(device: torch.device) -> None:
@@ -183,12 +184,6 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
         top5 = np.argsort(-logits, axis=1)[:, :5]
         metrics["top5"] = float((top5 == labels[:, None]).any(1).mean())
     return metrics
-
-
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, classes: list[str],
-             device: torch.device) -> dict[str, Any]:  # fmt: skip
-    """:func:`classification_metrics` of ``model`` on a decoded split."""
-    return classification_metrics(predict_logits(model, images, device), labels, classes)
 
 
 def inference_copy(model: Any) -> Any:
