@@ -92,6 +92,38 @@ def check_text(report: Any, run_dir: str) -> str:
                       f"parity: {run_dir}/parity.md; the run on one page: {run_dir}/report.html"])
 
 
+def on_target_text(record: dict[str, Any], run_dir: str) -> str:
+    """What ``edgetl check --on-target`` prints: where it ran, the verdict, the difference from the host."""
+    steps = record.get("max_output_diff_steps")
+    diff = f"{record['max_output_diff']:.4f}" + (f" = {steps} output steps" if steps is not None else "")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted((record["where"].get("versions") or {}).items()))
+    verdict = "PASS" if record["passed"] else "FAIL"
+    return "\n".join([
+        f"{record['target']} on {record['described']}: {verdict} on {record['count']} images "
+        f"({record['seconds']:.0f} s{', reused' if record.get('reused') else ''})",
+        f"  top-1 {100 * record['top1']:.2f}% (Δ {record['delta_top1_pp']:+.2f} pp vs float), agreement with float "
+        f"{100 * record['agreement']:.2f}%, with the host's int8 {100 * record['agreement_with_host']:.2f}%",
+        f"  largest output difference from the host: {diff}; {record['images_over_one_step'] or 0} images over one "
+        f"step; {record['inputs_differing']} images decoded differently",
+        f"  software: Python {record['where'].get('python')}, {versions}",
+        f"on-target verdicts: {run_dir}/parity.md (Where it runs)",
+    ])  # fmt: skip
+
+
+def board_bench_text(result: dict[str, Any], run_dir: Any) -> str:
+    """What ``edgetl bench BUNDLE --ssh HOST`` prints: the board, its software, latency per thread count."""
+    device = result.get("device", {})
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(device.get("versions", {}).items()))
+    lines = [f"{result['host']}: {device.get('board')} ({device.get('machine')}), Python {device.get('python')}, "
+             f"{versions}", f"{'threads':>7} {'invoke median':>14} {'p90':>8} {'frame median':>13}"]  # fmt: skip
+    for r in result.get("results", []):
+        lines.append(f"{r['threads']:>7} {r['invoke_ms_median']:>11.2f} ms {r['invoke_ms_p90']:>5.2f} ms "
+                     f"{r['frame_ms_median']:>10.2f} ms")  # fmt: skip
+    if run_dir is not None:
+        lines.append(f"recorded in {run_dir}/benchmark.md (Where it runs) and report.html")
+    return "\n".join(lines)
+
+
 def qat_text(record: dict[str, Any], out_dir: str) -> str:
     """What ``edgetl qat`` prints: float and simulated int8 accuracy before and after."""
 

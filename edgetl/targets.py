@@ -74,6 +74,8 @@ class DeviceSpec:
     python: str = ""
     requirements: tuple[str, ...] = ()  # pip requirements of the device runtime
     system: tuple[str, ...] = ()  # system packages (informational)
+    emulate: str = ""  # the CPU qemu-user emulates for on-target checks ("cortex-a72"); "" = not emulated
+    userland: str = ""  # the board's software for those checks ("debian-bookworm-arm64": Python 3.11)
 
 
 SECTIONS = {
@@ -191,6 +193,8 @@ def _validate(target: Target, where: str) -> None:
         raise bad(f"compile tool must be one of {', '.join(repr(c) for c in COMPILERS)}, got {target.compile.tool!r}")
     if target.compile.max_cpu_ops < 0:
         raise bad("compile.max_cpu_ops must be >= 0")
+    if bool(target.device.emulate) != bool(target.device.userland):
+        raise bad("device.emulate and device.userland go together (the CPU and the software to run on it)")
     if target.model.width is not None and not 0.05 <= target.model.width <= 4:
         raise bad("model width must be within 0.05..4")
 

@@ -26,6 +26,7 @@ LAYERS = [
     ["export"],
     ["check"],
     ["package"],
+    ["ontarget"],
     ["report"],
     ["pipeline"],
     ["demo"],

@@ -45,9 +45,11 @@ class BenchmarkReport:
     runs: int
     data: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    devices: dict[str, Any] = field(default_factory=dict)  # on-target verdicts and board latencies (on_target)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "threads": self.threads, "runs": self.runs, "data": self.data, "rows": self.rows}
+        return {"host": self.host, "threads": self.threads, "runs": self.runs, "data": self.data, "rows": self.rows,
+                "devices": self.devices}  # fmt: skip
 
 
 def benchmark(run_dir: str | os.PathLike, threads: list[int], data: str | os.PathLike | None = None,
@@ -89,9 +91,31 @@ def benchmark(run_dir: str | os.PathLike, threads: list[int], data: str | os.Pat
                                 "bytes": manifest["files"][name]["size"], "latency_ms": latency, **accuracy})
         report.rows += _accelerator_estimates(run_dir)
         _speedups(report)
+        report.devices = device_results(manifest)
         write_json(run_dir / "benchmark.json", report.to_dict())
         atomic_write(run_dir / "benchmark.md", benchmark_markdown(report))
         return report
+
+
+def device_results(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What ran where the targets run (the manifest's ``on_target`` stage): verdicts and board latencies."""
+    stage = manifest["stages"].get("on_target") or {}
+    return {"verdicts": stage.get("verdicts", {}), "boards": stage.get("boards", {})}
+
+
+def refresh_devices(run_dir: str | os.PathLike) -> None:
+    """Bring benchmark.json / benchmark.md up to date with the run's on-target results (no re-timing)."""
+    import json
+
+    run_dir = Path(run_dir)
+    try:
+        saved = json.loads((run_dir / "benchmark.json").read_text())
+        report = BenchmarkReport(saved["host"], saved["threads"], saved["runs"], saved["data"], saved["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # never benchmarked (or unreadable): `edgetl benchmark` writes both with the devices
+    report.devices = device_results(read_manifest(run_dir))
+    write_json(run_dir / "benchmark.json", report.to_dict())
+    atomic_write(run_dir / "benchmark.md", benchmark_markdown(report))
 
 
 def host_description() -> str:
@@ -191,4 +215,29 @@ def benchmark_markdown(report: BenchmarkReport) -> str:
             latency, speedup = row["latency_ms"].get(t), row.get("speedup", {}).get(t)
             cells.append(f"{latency['median']:.2f} / {latency['p90']:.2f} ({speedup:.2f}×)" if latency else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + devices_markdown(report.devices)) + "\n"
+
+
+def devices_markdown(devices: dict[str, Any]) -> list[str]:
+    """The on-target rows: accuracy where the bundle runs (emulated or a board), and a board's latency."""
+    lines = []
+    if devices.get("verdicts"):
+        lines += ["", "## Where it runs: accuracy", "",
+                  "| target | where | images | top-1 | agreement with float | with the host's int8 | verdict |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for v in devices["verdicts"].values():
+            lines.append(f"| {v['target']} | {v['described']} | {v['count']} | {100 * v['top1']:.2f} % | "
+                         f"{100 * v['agreement']:.2f} % | {100 * v['agreement_with_host']:.2f} % | "
+                         f"{'PASS' if v['passed'] else 'FAIL'} |")  # fmt: skip
+    if devices.get("boards"):
+        lines += ["", "## Where it runs: latency on a board (`edgetl bench BUNDLE --ssh HOST`)", "",
+                  "| bundle | board | software | threads | invoke median / p90 ms | frame median ms |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for b in devices["boards"].values():
+            device = b.get("device", {})
+            software = ", ".join(f"{k} {v}" for k, v in sorted(device.get("versions", {}).items()))
+            for r in b.get("results", []):
+                lines.append(f"| {b.get('bundle')} | {device.get('board')} ({device.get('machine')}) | {software} | "
+                             f"{r['threads']} | {r['invoke_ms_median']:.2f} / {r['invoke_ms_p90']:.2f} | "
+                             f"{r['frame_ms_median']:.2f} |")  # fmt: skip
+    return lines

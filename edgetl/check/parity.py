@@ -83,7 +83,7 @@ def check(
         tampered = [n for n in verify_files(run_dir, manifest) if n in names or n in (MODEL, QAT_WEIGHTS)]
         if tampered:
             raise RunDirError(f"{', '.join(tampered)} in {run_dir} differ from the manifest's sha256")
-        images, description, classes, reference = evaluation or _evaluation(run_dir, manifest, data)
+        images, description, classes, reference = evaluation or float_evaluation(run_dir, manifest, data)
         description = dict(description)
         if "qat" in manifest["stages"]:
             description["quantised_from"] = QAT_WEIGHTS  # edgetl.quantize.qat: the reference stays model.pt
@@ -96,7 +96,8 @@ def check(
         return report
 
 
-def _evaluation(run_dir: Path, manifest: dict[str, Any], data: str | os.PathLike | None) -> Evaluation:
+def float_evaluation(run_dir: Path, manifest: dict[str, Any], data: str | os.PathLike | None) -> Evaluation:
+    """The held-out images (the validation split, or every image of ``data``) and the float model's logits."""
     from edgetl.data.heldout import evaluation_set
     from edgetl.train.checkpoint import load_checkpoint
     from edgetl.train.loop import torch_logits

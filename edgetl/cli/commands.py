@@ -265,26 +265,6 @@ def qat_command(run_dir: str, out_dir: str, epochs: int, lr: float, calib: str, 
     finish(as_json, Listing({"run_dir": out_dir, **record}), _render().qat_text(record, out_dir))
 
 
-@main.command("check")
-@cache_dir_option
-@click.argument("run_dir", type=click.Path(path_type=str))
-@click.option("--data", type=click.Path(path_type=str), default=None,
-              help="Evaluate on this folder (DATA/<class>/...) instead of the run's val split.")
-@click.option("--max-drop", type=NON_NEGATIVE, default=None, help="Allowed top-1 drop in points [1.0].")
-@click.option("--min-agreement", type=FRACTION, default=None, help="Required top-1 agreement [0.98].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def check_command(run_dir: str, data: str | None, max_drop: float | None, min_agreement: float | None,
-                  as_json: bool) -> None:
-    """Check every exported model in RUN_DIR against the float model (exit 3 on failure)."""
-    require("torch", "train")
-    from edgetl.check.parity import check
-    from edgetl.config import Thresholds
-
-    report = check(run_dir, Thresholds.build(max_drop, min_agreement), data)
-    report_after(run_dir)
-    finish(as_json, report, _render().check_text(report, run_dir))
-
-
 @main.group("targets", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_context
@@ -321,71 +301,3 @@ def targets_stamp(name: str, stage: str) -> None:
         "package": tuple(target),
     }[stage]
     click.echo(json.dumps({k: target[k] for k in parts}, sort_keys=True))
-
-
-@main.command("package")
-@cache_dir_option
-@click.argument("run_dir", type=click.Path(path_type=str))
-@click.option("--target", required=True, help="Target name or .toml path.")
-@click.option("--out", type=click.Path(path_type=str), default=None, help="Output folder [RUN_DIR/bundles].")
-@click.option("--force", is_flag=True, help="Package even if parity failed (recorded in the manifest).")
-@click.option("--accept-weak-parity", is_flag=True,
-              help="Ship on a parity verdict from fewer images than the target's min_images, or weaker than the "
-                   "export's own check (recorded in the manifest; the runtime warns).")
-@click.option("--no-compile", is_flag=True,
-              help="Accelerator targets: ship the compile-ready model and a script instead of compiling.")
-@click.option("--allow-cpu-ops", is_flag=True, help="Accept ops that the accelerator compiler leaves on the CPU.")
-@click.option("--tflm/--no-tflm", "check_tflm", default=True,
-              help="MCU targets: run the model with TFLite Micro on validation images (op support, minimum "
-                   "arena, outputs vs LiteRT) [on].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def package_command(run_dir: str, target: str, out: str | None, force: bool, accept_weak_parity: bool,
-                    no_compile: bool, allow_cpu_ops: bool, check_tflm: bool, as_json: bool) -> None:  # fmt: skip
-    """Bundle RUN_DIR's model for a target: folder + reproducible .tar.gz.
-
-    Exit 3 if the shipped artifact failed parity, 4 if it breaks a target constraint, 5 if the
-    target's compiler is missing, 7 if the accelerator compiler leaves operations on the CPU.
-    Budgets (exit 4) include the compiled model's size and, for microcontrollers and NPUs, the
-    tensor arena measured with TFLite Micro or Vela's SRAM use.
-    """
-    from edgetl.package.bundle import package
-
-    result = package(run_dir, load_target(target), out, force, compile_model=not no_compile,
-                     allow_cpu_ops=allow_cpu_ops, check_tflm=check_tflm,
-                     accept_weak_parity=accept_weak_parity)  # fmt: skip
-    report_after(run_dir, (str(result.bundle_dir),))
-    finish(as_json, result, _render().package_text(result))
-
-
-@main.command("verify")
-@click.argument("bundle", type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def verify_command(bundle: str, as_json: bool) -> None:
-    """Re-hash every file of a bundle (folder or .tar.gz) against its manifest (exit 6 on a mismatch)."""
-    from edgetl.package.verify import verify_report
-
-    report = verify_report(bundle)
-    if report.problems:  # the details go to stdout; the error line, like every error, to stderr
-        more = f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        click.echo(one_line(f"edgetl: error: {bundle} failed verification: {report.problems[0]}{more}"), err=True)
-    finish(as_json, report, _render().verify_text(bundle, report.problems))
-
-
-@main.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("bundle", type=click.Path(path_type=str))
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run_command(bundle: str, args: tuple[str, ...]) -> None:
-    """Run a bundle on images with the device runtime (same as `python -m edgetl_runtime`)."""
-    from edgetl.runtime.app import main as runtime_main
-
-    sys.exit(runtime_main([bundle, *args], prog="edgetl"))
-
-
-@main.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("bundle", type=click.Path(path_type=str))
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_command(bundle: str, args: tuple[str, ...]) -> None:
-    """Latency of a bundle or model: invoke and whole frame, per thread count (--threads 1,2,4 --runs N)."""
-    from edgetl.runtime.app import main as runtime_main
-
-    sys.exit(runtime_main(["bench", bundle, *args], prog="edgetl"))

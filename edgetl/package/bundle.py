@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class PackageResult:
     parity: dict[str, Any]
     accelerator: dict[str, Any] | None = None  # compiler report (Edge TPU, Vela)
     tflm: dict[str, Any] | None = None  # TFLite Micro run: arena, agreement with LiteRT
+    on_target: dict[str, Any] | None = None  # the verdict where the target runs it (edgetl.ontarget)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class PackageResult:
             "parity": self.parity,
             "accelerator": self.accelerator,
             "tflm": self.tflm,
+            "on_target": self.on_target,
         }
 
 
@@ -111,6 +114,7 @@ def package(
     allow_cpu_ops: bool = False,
     check_tflm: bool = True,
     accept_weak_parity: bool = False,
+    on_target: Callable[[Path], dict[str, Any] | None] | None = None,
 ) -> PackageResult:
     """Build the bundle folder and its reproducible ``.tar.gz``.
 
@@ -128,6 +132,8 @@ def package(
             allows, unless ``allow_cpu_ops``.
         TFLMUnsupported: TFLite Micro cannot run the model (``check_tflm=False`` skips that run).
         RunLocked: another process writes the same output folder.
+        what ``on_target`` raises: it is called with the finished bundle, staged in a private folder,
+            before anything is written to ``out``; what it returns goes into the manifest (``on_target``).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -148,6 +154,10 @@ def package(
              for rel, data in sorted(contents.items())}  # fmt: skip
     bundle_manifest = _bundle_manifest(manifest, target, name, io, files, parity, bool(force and not passed),
                                        accelerator, tflm)  # fmt: skip
+    if on_target is not None:
+        with tempfile.TemporaryDirectory(prefix="edgetl-staged-") as tmp:
+            write_dir(Path(tmp) / name, {**contents, "manifest.json": dumps_json(bundle_manifest).encode()})
+            bundle_manifest["on_target"] = on_target(Path(tmp) / name)
     contents["manifest.json"] = dumps_json(bundle_manifest).encode()
     out = Path(out) if out is not None else run_dir / "bundles"
     data = reproducible_targz(name, contents, source_date_epoch())
@@ -158,7 +168,7 @@ def package(
     return PackageResult(bundle_dir=out / name, archive=out / f"{name}.tar.gz",
                          archive_sha256=hashlib.sha256(data).hexdigest(), target=target.name, files=files,
                          forced=bundle_manifest["forced"], parity=parity, accelerator=accelerator,
-                         tflm=tflm)  # fmt: skip
+                         tflm=tflm, on_target=bundle_manifest.get("on_target"))  # fmt: skip
 
 
 def _compile(run_dir: Path, manifest: dict[str, Any], target: Target, contents: dict[str, bytes],

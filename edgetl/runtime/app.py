@@ -5,6 +5,7 @@
     python3 -m edgetl_runtime BUNDLE --video clip.mp4
     python3 -m edgetl_runtime model.tflite --labels labels.txt photo.jpg      # third-party model
     python3 -m edgetl_runtime bench BUNDLE [--threads 1,2,4] [--runs 50] [--data LABELLED_FOLDER]
+    python3 -m edgetl_runtime scores BUNDLE --list images.txt [--inputs crops.npy]   # raw scores, for parity
 
 Exit codes: 0 ok, 1 error, 2 usage, 6 bundle failed verification, 130 interrupted (with a summary).
 """
@@ -25,6 +26,8 @@ import numpy as np
 from .bundle import BundleError, open_bundle
 from .model import DelegateError, open_model
 from .preprocess import PreprocessSpec, prepare
+from .scores import add_arguments as add_score_arguments
+from .scores import device_facts, main_scores
 from .sources import SourceError, camera_frames, image_frames, video_frames
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
@@ -242,7 +245,8 @@ def bench(args: argparse.Namespace) -> int:
             "frame_ms_median": float(np.median(whole)), "frame_ms_p90": float(np.percentile(whole, 90)),
             "overhead_fraction": float((np.median(whole) - np.median(invoke)) / np.median(invoke)),
         })  # fmt: skip
-    result = {"model": args.model, "runs": args.runs, "frame": "640x480 RGB", "results": rows}
+    result = {"model": args.model, "runs": args.runs, "frame": "640x480 RGB", "results": rows,
+              "device": device_facts()}
     if args.data:
         result["accuracy"] = labelled_accuracy(classifier, args.data)
     if args.json:
@@ -312,6 +316,7 @@ def parser(prog: str = "edgetl-runtime") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines on stdout (bench: one object)")
     p.add_argument("--show", action="store_true", help="show an annotated window (q quits)")
     p.add_argument("--save", default=None, help="write the annotated frames to this video file")
+    add_score_arguments(p)
     return p
 
 
@@ -319,12 +324,14 @@ def main(argv: list[str] | None = None, prog: str = "edgetl-runtime") -> int:
     """Run the application; every failure is one ``PROG: error:`` line on stderr and an exit code
     (with ``--json`` also ``{"ok": false, "error": {...}}`` on stdout)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    is_bench = bool(argv) and argv[0] == "bench"
+    command = argv[0] if argv and argv[0] in ("bench", "scores") else None
     wants_json = "--json" in argv
     try:
-        args = parser(prog).parse_intermixed_args(argv[1:] if is_bench else argv)
-        if is_bench:
+        args = parser(prog).parse_intermixed_args(argv[1:] if command else argv)
+        if command == "bench":
             return bench(args)
+        if command == "scores":
+            return main_scores(args)
         if args.threads is not None:
             args.threads = _positive_int(args.threads, "--threads")
         return run(args)
@@ -332,6 +339,8 @@ def main(argv: list[str] | None = None, prog: str = "edgetl-runtime") -> int:
         return _fail(prog, str(exc), EXIT_USAGE, wants_json)
     except (RuntimeFailure, SourceError) as exc:
         return _fail(prog, str(exc), getattr(exc, "code", EXIT_ERROR), wants_json)
+    except BundleError as exc:
+        return _fail(prog, str(exc), EXIT_VERIFY if "verification" in str(exc) else EXIT_ERROR, wants_json)
     except ValueError as exc:  # e.g. a model file the interpreter cannot read (ModelFileError)
         return _fail(prog, str(exc), EXIT_ERROR, wants_json)
     except OSError as exc:  # an unreadable labels file, a full disk under --save
