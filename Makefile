@@ -15,7 +15,7 @@ SHARED_WEIGHTS := $(wildcard ../shared/weights/mobilenet_v2_imagenet_features.pt
 export EDGETL_WEIGHTS ?= $(SHARED_WEIGHTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint bench clean distclean model browser
+.PHONY: help install demo test test-fast lint bench clean distclean model system-tools
 
 # The firmware pipeline: `make model DATA=path/to/images TARGET=rpi4-cpu` (see edgetl/edgetl.mk).
 EDGETL = $(BIN)/edgetl
@@ -38,17 +38,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) ## Install if needed, then run the embedded demo (a few minutes on a CPU)
 	$(BIN)/edgetl demo
 
-test: $(STAMP) browser ## Install if needed, then run the test suite
+test: $(STAMP) system-tools ## Install if needed, then run the test suite
 	$(BIN)/python -m pytest -q
 
-# The report's browser test (tests/test_report.py) needs Chromium: Debian's package, installed where
-# that is possible without asking (root with apt-get, ~40 s); elsewhere the test skips with a reason.
-browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+# Debian packages some tests need, installed where that is possible without asking (root with apt-get):
+# Chromium for the report's browser test, qemu-user-static + debootstrap for the emulated Raspberry Pi
+# (edgetl check --on-target, package), openssh-server for the board-over-ssh test. Elsewhere those tests
+# skip with a reason.
+SYSTEM_TOOLS := chromium:chromium qemu-aarch64-static:qemu-user-static debootstrap:debootstrap sshd:openssh-server
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || [ -x /usr/sbin/$${pair%%:*} ] || missing="$$missing $${pair#*:}"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
 	   { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
-	     apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }) || \
-	  echo "note: chromium not installed; the report's browser test will skip"; }
+	     apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; }) || \
+	  echo "note: could not install$$missing; the tests that need them will skip"; }
 
 test-fast: $(STAMP) ## Tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -q -m "not slow"

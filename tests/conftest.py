@@ -62,6 +62,26 @@ def _session_image_cache(tmp_path_factory):
         os.environ[CACHE_ENV] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_emulation_cache(tmp_path_factory):
+    """One emulated-board cache (userland, wheels) for the session, never the user's own; `package`
+    without the on-target check (emulating every packaged model would cost minutes: tests/test_ontarget.py
+    and tests/test_board.py turn it on with --on-target where it is the subject)."""
+    import os
+
+    from edgetl.ontarget.userland import ROOT_ENV
+
+    saved = {key: os.environ.get(key) for key in (ROOT_ENV, "EDGETL_ON_TARGET")}
+    os.environ[ROOT_ENV] = str(tmp_path_factory.mktemp("emulation"))
+    os.environ["EDGETL_ON_TARGET"] = "0"
+    yield Path(os.environ[ROOT_ENV])
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """No EDGETL_WEIGHTS from the developer's shell; an empty torch hub cache."""

@@ -29,22 +29,6 @@ needs_emulation = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session")
-def emulation_dir(tmp_path_factory):
-    """One userland and wheel cache for the session, never the user's own."""
-    import os
-
-    from edgetl.ontarget.userland import ROOT_ENV
-
-    before = os.environ.get(ROOT_ENV)
-    os.environ[ROOT_ENV] = str(tmp_path_factory.mktemp("emulation"))
-    yield os.environ[ROOT_ENV]
-    if before is None:
-        os.environ.pop(ROOT_ENV, None)
-    else:
-        os.environ[ROOT_ENV] = before
-
-
 def pi_target(folder, name: str = "pi-test", **parity) -> str:
     """rpi4-cpu at the session model's 64 px, with the loose thresholds of its 32 validation images."""
     text = open(load_target("rpi4-cpu").source).read().replace("size = 224", "size = 64")
@@ -62,7 +46,7 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def checked(exported_run, emulation_dir, tmp_path_factory):
+def checked(exported_run, tmp_path_factory):
     """``edgetl check RUN --on-target`` on a copy of the exported run, run once: (result, run_dir, target)."""
     if not all(shutil.which(t) for t in TOOLS):
         pytest.skip("needs qemu-user-static and debootstrap")
@@ -90,6 +74,8 @@ def test_check_on_target_runs_the_bundle_on_an_emulated_pi(checked):
     assert [v["target"] for v in verdicts.values()] == ["pi-test"]
     assert "## Where it runs" in (run_dir / "parity.md").read_text()
     assert read_manifest(run_dir)["stages"]["check"]["passed"]  # the host verdict stays
+    page = (run_dir / "report.html").read_text()
+    assert "Where it runs" in page and "emulated cortex-a72" in page
 
 
 @needs_emulation
@@ -101,9 +87,9 @@ def test_package_ships_the_verdict_and_reuses_it(checked, tmp_path, monkeypatch)
         raise AssertionError("package emulated again although the model is unchanged")
 
     monkeypatch.setattr(verdict, "run_emulated", no_emulation)
-    first = cli("package", str(run_dir), "--target", target, "--out", str(tmp_path / "a"), "--json")
+    first = cli("package", str(run_dir), "--target", target, "--out", str(tmp_path / "a"), "--json", "--on-target")
     assert first.exit_code == 0, first.output
-    again = cli("package", str(run_dir), "--target", target, "--out", str(tmp_path / "b"), "--json")
+    again = cli("package", str(run_dir), "--target", target, "--out", str(tmp_path / "b"), "--json", "--on-target")
     assert json.loads(again.stdout)["archive_sha256"] == json.loads(first.stdout)["archive_sha256"]
     shipped = json.loads((tmp_path / "a" / "run-pi-test" / "manifest.json").read_text())["on_target"]
     assert shipped["passed"] and shipped["where"]["cpu"] == "cortex-a72" and "seconds" not in shipped
@@ -134,11 +120,13 @@ def test_a_failed_on_target_verdict_refuses_the_package_with_exit_3(exported_run
     monkeypatch.setattr(userland, "find_tool", lambda *names: "/usr/bin/true")
     monkeypatch.setattr(verdict, "run_emulated", fake_device(agree=False))
     run_dir = copy_run(exported_run[1], tmp_path / "run")
-    outcome = cli("package", str(run_dir), "--target", pi_target(tmp_path), "--out", str(tmp_path / "out"))
+    outcome = cli("package", str(run_dir), "--target", pi_target(tmp_path), "--out", str(tmp_path / "out"),
+                  "--on-target")
     assert outcome.exit_code == 3
     assert "failed parity on aarch64, emulated cortex-a72, ai-edge-litert 9.9.9" in outcome.stderr
     assert not (tmp_path / "out" / "run-pi-test").exists()  # nothing shipped
-    forced = cli("package", str(run_dir), "--target", pi_target(tmp_path), "--out", str(tmp_path / "out"), "--force")
+    forced = cli("package", str(run_dir), "--target", pi_target(tmp_path), "--out", str(tmp_path / "out"), "--force",
+                 "--on-target")
     assert forced.exit_code == 0, forced.output
     manifest = json.loads((tmp_path / "out" / "run-pi-test" / "manifest.json").read_text())
     assert manifest["on_target"]["passed"] is False
@@ -150,7 +138,7 @@ def test_missing_emulator_is_exit_5_naming_the_packages(exported_run, tmp_path, 
     monkeypatch.setattr(userland, "find_tool", lambda *names: None)
     run_dir = copy_run(exported_run[1], tmp_path / "run")
     target = pi_target(tmp_path)
-    missing = cli("package", str(run_dir), "--target", target, "--out", str(tmp_path / "out"))
+    missing = cli("package", str(run_dir), "--target", target, "--out", str(tmp_path / "out"), "--on-target")
     assert missing.exit_code == 5 and "apt-get install qemu-user-static debootstrap" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.output
     checked = cli("check", str(run_dir), "--on-target", target)
@@ -169,3 +157,43 @@ def test_on_target_usage_errors(exported_run, tmp_path):
     assert no_cpu.exit_code == 2 and "emulate" in no_cpu.stderr
     unnamed = cli("check", str(run_dir), "--on-target")  # the run has no bundle to take the target from
     assert unnamed.exit_code == 2 and "--on-target needs a target name" in unnamed.stderr
+
+
+@needs_emulation
+def test_a_damaged_userland_is_rebuilt_not_trusted(checked, caplog):
+    from edgetl.ontarget import userland as ul
+
+    land = ul.Userland.parse("debian-bookworm-arm64")
+    qemu = ul.require_tools()
+    folder = ul.ensure_userland(land, qemu)  # the session's, already built by `checked`
+    python = folder / "usr" / "bin" / "python3.11"
+    python.write_bytes(b"not an interpreter")  # damaged in place; its ready-marker stays
+    assert not ul.python_runs(folder, qemu, "3.11")
+    with caplog.at_level("WARNING"):
+        assert ul.ensure_userland(land, qemu) == folder
+    assert ul.python_runs(folder, qemu, "3.11") and "incomplete or broken; building it again" in caplog.text
+
+
+@needs_emulation
+def test_no_network_for_the_userland_or_the_wheels_is_one_line(checked, tmp_path, monkeypatch):
+    import os
+
+    _, run_dir, _ = checked
+    session_cache = os.environ["EDGETL_EMULATION_DIR"]  # its userland is built
+    monkeypatch.setenv("EDGETL_EMULATION_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("EDGETL_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
+    no_mirror = cli("check", str(run_dir), "--on-target", pi_target(tmp_path))
+    assert no_mirror.exit_code == 1 and "debootstrap could not fetch debian-bookworm-arm64" in no_mirror.stderr
+    assert len(no_mirror.stderr.strip().splitlines()) == 1
+    monkeypatch.delenv("EDGETL_DEBIAN_MIRROR")
+    monkeypatch.setenv("EDGETL_EMULATION_DIR", session_cache)
+    for key, value in {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                       "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_RETRIES": "0",
+                       "PIP_TIMEOUT": "2"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    target = pi_target(tmp_path, name="pi-six")
+    text = open(target).read().replace('"opencv-python-headless>=4.5"]', '"opencv-python-headless>=4.5", "six"]')
+    open(target, "w").write(text)  # requirements no cached wheel folder holds
+    no_index = cli("check", str(run_dir), "--on-target", target)
+    assert no_index.exit_code == 1 and "cannot fetch the aarch64 wheels" in no_index.stderr, no_index.output
+    assert len(no_index.stderr.strip().splitlines()) == 1

@@ -103,9 +103,10 @@ def check_command(run_dir: str, data: str | None, max_drop: float | None, min_ag
 @click.option("--tflm/--no-tflm", "check_tflm", default=True,
               help="MCU targets: run the model with TFLite Micro on validation images (op support, minimum "
                    "arena, outputs vs LiteRT) [on].")
-@click.option("--on-target/--no-on-target", "on_target", default=True,
+@click.option("--on-target/--no-on-target", "on_target", default=True, envvar="EDGETL_ON_TARGET",
               help="Targets with an emulated CPU (Raspberry Pi): check the bundle on that CPU with its own "
-                   "runtime and wheels before writing it; needs qemu-user-static and debootstrap [on].")
+                   "runtime and wheels before writing it; needs qemu-user-static and debootstrap "
+                   "[on; EDGETL_ON_TARGET=0 turns it off].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def package_command(run_dir: str, target: str, out: str | None, force: bool, accept_weak_parity: bool,
                     no_compile: bool, allow_cpu_ops: bool, check_tflm: bool, on_target: bool,

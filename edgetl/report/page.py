@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgetl.report.devices import where_it_runs
 from edgetl.report.training import classes, mistakes, training
 from edgetl.report.verdicts import bundles, parity, provenance, remedies, size_and_speed
 from edgetl.report.view import RunView, badge, esc, load_view, pct
@@ -48,7 +49,7 @@ def write_report(run_dir: str | os.PathLike, bundle_dirs: tuple[str | os.PathLik
     those under ``RUN/bundles``); returns its path."""
     run_dir = Path(run_dir)
     view = load_view(run_dir, bundle_dirs)
-    sections = (training, classes, mistakes, parity, remedies, size_and_speed, bundles, provenance)
+    sections = (training, classes, mistakes, parity, remedies, where_it_runs, size_and_speed, bundles, provenance)
     body = "".join(part(view) for part in sections)
     name = esc(run_dir.resolve().name)
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -82,6 +83,11 @@ def _summary(view: RunView) -> str:
         verdict = badge(view.parity.get("passed"))
         failing = f"; failing: {', '.join(failed)}" if failed else ""
         cards.append((verdict, f"parity, {len(artifacts)} models{failing}"))
+    verdicts = (view.stages.get("on_target") or {}).get("verdicts", {})
+    if verdicts:
+        failed = [v["target"] for v in verdicts.values() if not v.get("passed")]
+        cards.append((badge(not failed), f"where it runs: {len(verdicts)} verdict(s)"
+                      + (f"; failing: {', '.join(failed)}" if failed else "")))  # fmt: skip
     if view.bundles:
         names = ", ".join(str(b.get("target", {}).get("name")) for b in view.bundles)
         cards.append((str(len(view.bundles)), f"bundles: {names}"))
