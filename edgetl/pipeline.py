@@ -150,14 +150,15 @@ def _on_target_gate(run_dir: Path, target: Target, staged: Path, force: bool) ->
         record = verdict.measure(run_dir, target, staged)
     if not record["passed"] and not force:
         raise ParityRefused(f"{target.artifact} failed parity on {record['described']}: {verdict.shortfall(record)}",
-                            hint="see parity.md (Where it runs); --force packages it anyway and records that")  # fmt: skip
+                            hint="see parity.md (Where it runs); --force packages anyway, recorded")  # fmt: skip
     return verdict.bundle_summary(record)
 
 
 def check_on_target(run_dir: str | os.PathLike, target: Target, *, ssh: str | None = None,
-                    data: str | None = None) -> dict[str, Any]:  # fmt: skip
+                    data: str | None = None, mediapipe: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Package the run for ``target`` into a private folder and measure that bundle where the target runs
-    it (emulated, or on the board ``ssh``); the verdict is recorded in the run (the host verdict stays).
+    it (emulated, or on the board ``ssh``; or in MediaPipe Tasks with the interpreter ``mediapipe``); the
+    verdict is recorded in the run (the host verdict stays).
 
     Raises:
         RunDirError / ConstraintViolated: the run cannot be packaged for the target at all.
@@ -170,14 +171,14 @@ def check_on_target(run_dir: str | os.PathLike, target: Target, *, ssh: str | No
     from edgetl.ontarget import verdict
     from edgetl.package.bundle import package
 
-    if not ssh and not verdict.can_emulate(target):
+    if not ssh and not mediapipe and not verdict.can_emulate(target):
         raise ConfigError(f"{target.name} has no CPU edgetl can emulate ([device] emulate and userland)",
                           hint="give a board with --ssh HOST, or a Linux-class target: rpi4-cpu, rpi5-cpu")  # fmt: skip
-    if not ssh:
+    if not ssh and not mediapipe:
         from edgetl.ontarget.userland import Userland, require_tools
 
         require_tools(Userland.parse(target.device.userland).qemu_arch)
     with tempfile.TemporaryDirectory(prefix="edgetl-on-target-") as tmp:
         staged = package(run_dir, target, tmp, force=True, accept_weak_parity=True, compile_model=False,
                          check_tflm=False)  # fmt: skip
-        return verdict.measure(Path(run_dir), target, staged.bundle_dir, ssh=ssh, data=data)
+        return verdict.measure(Path(run_dir), target, staged.bundle_dir, ssh=ssh, data=data, mediapipe=mediapipe)

@@ -103,8 +103,10 @@ def on_target_text(record: dict[str, Any], run_dir: str) -> str:
         f"({record['seconds']:.0f} s{', reused' if record.get('reused') else ''})",
         f"  top-1 {100 * record['top1']:.2f}% (Δ {record['delta_top1_pp']:+.2f} pp vs float), agreement with float "
         f"{100 * record['agreement']:.2f}%, with the host's int8 {100 * record['agreement_with_host']:.2f}%",
-        f"  largest output difference from the host: {diff}; {record['images_over_one_step'] or 0} images over one "
-        f"step; {record['inputs_differing']} images decoded differently",
+        f"  largest output difference from the host (on its own input crops): {diff}; "
+        f"{record['images_over_one_step'] or 0} images over one step; " + (
+            "the runtime resamples each photo itself" if record["inputs_differing"] is None else
+            f"{record['inputs_differing']} input crops made differently (up to {record['input_diff_max']} levels)"),
         f"  software: Python {record['where'].get('python')}, {versions}",
         f"on-target verdicts: {run_dir}/parity.md (Where it runs)",
     ])  # fmt: skip
@@ -157,6 +159,14 @@ def package_text(result: Any) -> str:
     lines = [f"bundle:  {result.bundle_dir}", f"archive: {result.archive} (sha256 {result.archive_sha256})"]
     lines += [f"  {rel:<32} {entry['size']:>10,} B" for rel, entry in result.files.items()]
     lines += compile_summary(result.accelerator, result.tflm)
+    on_target = result.on_target or {}
+    if on_target.get("skipped"):
+        lines.append(f"on target: not checked ({on_target['skipped']})")
+    elif on_target:
+        lines.append(f"on target: {'PASS' if on_target['passed'] else 'FAIL'} on {on_target['described']}: top-1 "
+                     f"{100 * on_target['top1']:.2f}%, agreement with float {100 * on_target['agreement']:.2f}%, "
+                     f"with the host's int8 {100 * on_target['agreement_with_host']:.2f}% ({on_target['count']} "
+                     "images)")  # fmt: skip
     if result.forced:
         lines.append("WARNING: packaged with --force although parity failed")
     if result.parity.get("evidence_waived"):

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 MEDIAPIPE = "mediapipe==1.2.3"
 VENV = REPO / ".venv-mediapipe"
-SCRIPT = Path(__file__).parent / "interop" / "mediapipe_classify.py"
+SCRIPT = REPO / "edgetl" / "ontarget" / "mediapipe_classify.py"
 
 
 def mediapipe_python() -> Path:
@@ -102,7 +102,7 @@ def test_mediapipe_classifies_with_the_labels_by_name_as_edgetl_does(bundle, art
     out = subprocess.run([str(python), str(SCRIPT), str(model), "1.0", *crops], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    theirs = [row["label"] for row in json.loads(out.stdout.splitlines()[-1])]
+    theirs = [json.loads(line)["label"] for line in out.stdout.splitlines() if line.startswith('{"i"')]
     plain = ["--labels", str(run_dir / "labels.txt"), "--crop-fraction", str(crop_fraction(run_dir))]
     ours = edgetl_top1(str(bundle_dir) if artifact == "model_int8.tflite" else str(model), images,
                        *([] if artifact == "model_int8.tflite" else plain))
@@ -117,3 +117,22 @@ def crop_fraction(run_dir: Path) -> float:
 
     preprocess = read_manifest(run_dir)["stages"]["finetune"]["preprocess"]
     return preprocess["image_size"] / preprocess["resize_size"]
+
+
+def test_mediapipe_verdict_is_recorded_beside_the_host_one(bundle):
+    """`edgetl check RUN --on-target T --mediapipe PYTHON`: MediaPipe on the validation photos with the
+    region of interest edgetl crops, and on the host's exact crops (the runtime alone)."""
+    _, run_dir = bundle
+    python = mediapipe_python()
+    result = CliRunner().invoke(main, ["-q", "check", str(run_dir), "--on-target", target_file(run_dir.parent),
+                                       "--mediapipe", str(python), "--json"])  # fmt: skip
+    assert result.exit_code in (0, 3), result.output
+    record = json.loads(result.stdout)
+    assert record["where"]["kind"] == "runtime" and record["where"]["versions"]["mediapipe"] == MEDIAPIPE.split("==")[1]
+    assert record["count"] == len(val_images(run_dir)) and "region of interest" in record["described"]
+    # on the host's own crops MediaPipe runs the same LiteRT kernels: the same top-1 as edgetl's int8
+    assert record["kernel_agreement_with_host"] == 1.0 and record["max_output_diff_steps"] <= 1
+    assert record["inputs_differing"] is None  # MediaPipe resamples the photo itself
+    from edgetl.rundir import read_manifest
+
+    assert any(k.endswith("@ mediapipe") for k in read_manifest(run_dir)["stages"]["on_target"]["verdicts"])

@@ -130,6 +130,10 @@ def test_a_failed_on_target_verdict_refuses_the_package_with_exit_3(exported_run
     assert forced.exit_code == 0, forced.output
     manifest = json.loads((tmp_path / "out" / "run-pi-test" / "manifest.json").read_text())
     assert manifest["on_target"]["passed"] is False
+    from edgetl.runtime.bundle import open_bundle
+
+    warnings = open_bundle(tmp_path / "out" / "run-pi-test").warnings()
+    assert any("FAILED parity on aarch64, emulated cortex-a72" in w for w in warnings)
 
 
 def test_missing_emulator_is_exit_5_naming_the_packages(exported_run, tmp_path, monkeypatch):
@@ -152,6 +156,7 @@ def test_missing_emulator_is_exit_5_naming_the_packages(exported_run, tmp_path, 
 def test_on_target_usage_errors(exported_run, tmp_path):
     run_dir = exported_run[1]
     assert cli("check", str(run_dir), "--ssh", "pi").exit_code == 2
+    assert cli("check", str(run_dir), "--mediapipe", "python3").exit_code == 2
     assert cli("check", str(run_dir), "--on-target", "rpi4-cpu", "--max-drop", "3").exit_code == 2
     no_cpu = cli("check", str(run_dir), "--on-target", "mcu-tflm")
     assert no_cpu.exit_code == 2 and "emulate" in no_cpu.stderr

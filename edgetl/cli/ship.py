@@ -60,23 +60,28 @@ def bundled_target(run_dir: str) -> Any:
                    "(qemu-user), or on the board of --ssh [TARGET: the run's bundle's target].")
 @click.option("--ssh", default=None, metavar="HOST",
               help="With --on-target: run on this board over ssh (any host ssh accepts, e.g. a ~/.ssh/config alias).")
+@click.option("--mediapipe", default=None, metavar="PYTHON",
+              help="With --on-target: run the bundle's model in MediaPipe Tasks' ImageClassifier instead, with "
+                   "this interpreter (one that has mediapipe), given the region of interest edgetl crops.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def check_command(run_dir: str, data: str | None, max_drop: float | None, min_agreement: float | None,
-                  on_target: str | None, ssh: str | None, as_json: bool) -> None:  # fmt: skip
+                  on_target: str | None, ssh: str | None, mediapipe: str | None, as_json: bool) -> None:  # fmt: skip
     """Check every exported model in RUN_DIR against the float model (exit 3 on failure).
 
     With --on-target, check the target's bundle where it runs (a separate verdict; the host's stays).
     """
     require("torch", "train")
-    if ssh is not None and on_target is None:
-        raise click.UsageError("--ssh goes with --on-target")
+    if (ssh is not None or mediapipe is not None) and on_target is None:
+        raise click.UsageError("--ssh and --mediapipe go with --on-target")
+    if ssh is not None and mediapipe is not None:
+        raise click.UsageError("--ssh and --mediapipe are two places to run it: give one")
     if on_target is not None:
         if max_drop is not None or min_agreement is not None:
             raise click.UsageError("--on-target judges by the target's own thresholds: drop --max-drop/--min-agreement")
         from edgetl.pipeline import check_on_target
 
         target = load_target(on_target) if on_target != RUN_TARGET else bundled_target(run_dir)
-        record = check_on_target(run_dir, target, ssh=ssh, data=data)
+        record = check_on_target(run_dir, target, ssh=ssh, data=data, mediapipe=mediapipe)
         report_after(run_dir)
         finish(as_json, OnTargetVerdict(record), render().on_target_text(record, run_dir))
         return
@@ -113,7 +118,8 @@ def package_command(run_dir: str, target: str, out: str | None, force: bool, acc
                     as_json: bool) -> None:  # fmt: skip
     """Bundle RUN_DIR's model for a target: folder + reproducible .tar.gz.
 
-    Exit 3 if the shipped artifact failed parity (on this host, or on the target's emulated CPU), 4 if it breaks a target constraint, 5 if the
+    Exit 3 if the shipped artifact failed parity (on this host, or on the target's emulated CPU), 4 if it
+    breaks a target constraint, 5 if the
     target's compiler is missing, 7 if the accelerator compiler leaves operations on the CPU.
     Budgets (exit 4) include the compiled model's size and, for microcontrollers and NPUs, the
     tensor arena measured with TFLite Micro or Vela's SRAM use.

@@ -56,7 +56,8 @@ def remote(host: str, script: str, *, stdin: bytes | None = None, timeout: float
                              hint="check the host name, that the board is on, and that `ssh HOST` logs in "
                                   "with a key (batch mode: no password prompt)")  # fmt: skip
     if done.returncode == NO_PYTHON:
-        raise DeviceRunError(f"{host} has no python3", hint="install Python 3.9+ on the board (apt install python3-venv)")
+        raise DeviceRunError(f"{host} has no python3",
+                             hint="install Python 3.9+ on the board (apt install python3-venv)")
     if done.returncode != 0:
         raise DeviceRunError(f"the {what} on {host} {how_it_ended(done.returncode, stderr)}")
     return done
@@ -72,7 +73,8 @@ def _payload(bundle: Path, paths: list[str], host_inputs: np.ndarray | None) -> 
             names = [f"images/{i:06d}{Path(p).suffix.lower()}" for i, p in enumerate(paths)]
             for path, name in zip(paths, names, strict=True):
                 tar.add(path, arcname=name)
-            for name, data in (("images.txt", "".join(f"{n}\n" for n in names).encode()), ("inputs.npy", _npy(host_inputs))):
+            listing = "".join(f"{n}\n" for n in names).encode()
+            for name, data in (("images.txt", listing), ("inputs.npy", _npy(host_inputs))):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -61,11 +61,13 @@ def qemu_version(qemu: str) -> str:
 def score_command(bundle: Path, listing: Path, inputs: Path, first: int, step: int, cpu_model: bool) -> list[str]:
     """The runtime's ``scores`` command line (after the interpreter)."""
     return ["-m", "edgetl_runtime", "scores", str(bundle), "--list", str(listing), "--inputs", str(inputs),
-            "--first", str(first), "--step", str(step), "--threads", "1", *(["--cpu"] if cpu_model else [])]  # fmt: skip
+            "--first", str(first), "--step", str(step), "--threads", "1",
+            *(["--cpu"] if cpu_model else [])]  # fmt: skip
 
 
 def run_emulated(bundle: Path, paths: list[str], host_inputs: np.ndarray, cpu: str, userland_name: str,
-                 requirements: list[str], processes: int | None = None, cpu_model: bool = False) -> DeviceScores:  # fmt: skip
+                 requirements: list[str], processes: int | None = None,
+                 cpu_model: bool = False) -> DeviceScores:  # fmt: skip
     """The bundle's runtime under qemu-user on ``paths`` (host crops ``host_inputs``, same order).
 
     Raises:
@@ -110,6 +112,10 @@ def describe(where: dict[str, Any]) -> str:
     runtime = f", ai-edge-litert {litert}" if litert else ""
     if where.get("kind") == "emulated":
         return f"aarch64, emulated {where.get('cpu')}{runtime}"
+    if where.get("kind") == "runtime":
+        version = (where.get("versions") or {}).get("mediapipe", "?")
+        machine = where.get("machine", "?")
+        return f"MediaPipe {version} on this host ({machine}), region of interest: {where.get('region')}"
     return f"{where.get('board') or where.get('host')} ({where.get('machine', '?')}){runtime}"
 
 
@@ -140,8 +146,9 @@ def run_split(commands: list[list[str]], folder: Path, cwd: Path, env: dict[str,
     lines = []
     for proc, (out, err) in zip(procs, outputs, strict=True):
         if proc.returncode != 0:
-            raise DeviceRunError(f"the bundle's runtime {how_it_ended(proc.returncode, err.read_text(errors='replace'))} "
-                                 f"{where}", hint="see docs/targets.md (what runs where)")  # fmt: skip
+            ended = how_it_ended(proc.returncode, err.read_text(errors="replace"))
+            raise DeviceRunError(f"the bundle's runtime {ended} {where}",
+                                 hint="see docs/targets.md (what runs where)")  # fmt: skip
         for line in out.read_text(errors="replace").splitlines():
             try:
                 lines.append(json.loads(line))

@@ -51,7 +51,9 @@ def fingerprint(bundle_dir: Path, target: Target, where_key: str, data: str | No
             "data": data or "validation split"}  # fmt: skip
 
 
-def where_key(target: Target, ssh: str | None) -> str:
+def where_key(target: Target, ssh: str | None, mediapipe: str | None = None) -> str:
+    if mediapipe:
+        return "mediapipe"
     return f"ssh:{ssh}" if ssh else f"qemu:{target.device.emulate}:{target.device.userland}"
 
 
@@ -70,7 +72,7 @@ def judge(record: dict[str, Any], target: Target) -> dict[str, Any]:
 
 
 def measure(run_dir: Path, target: Target, bundle_dir: Path, *, ssh: str | None = None, data: str | None = None,
-            processes: int | None = None) -> dict[str, Any]:  # fmt: skip
+            processes: int | None = None, mediapipe: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the bundle where the target runs it and record the verdict in the run (and parity.md).
 
     Raises:
@@ -80,12 +82,18 @@ def measure(run_dir: Path, target: Target, bundle_dir: Path, *, ssh: str | None 
     from edgetl.check.runners import runner_for
 
     manifest = read_manifest(run_dir)
-    print_ = fingerprint(bundle_dir, target, where_key(target, ssh), data)
+    print_ = fingerprint(bundle_dir, target, where_key(target, ssh, mediapipe), data)
     images, description, classes, reference = float_evaluation(run_dir, manifest, data)
     host = runner_for(run_dir / target.artifact)(images.images)
     cpu_model = target.compile.tool == "edgetpu_compiler"  # the host side of an accelerator: its CPU path
     requirements = (bundle_dir / "requirements-device.txt").read_text().split()
-    if ssh:
+    if mediapipe:
+        from edgetl.ontarget.mediapipe_tasks import run_mediapipe
+
+        spec = json.loads((bundle_dir / "manifest.json").read_text())["preprocess"]
+        device = run_mediapipe(mediapipe, bundle_dir / target.artifact, list(images.paths), images.images,
+                               spec["image_size"] / spec["resize_size"], len(classes))  # fmt: skip
+    elif ssh:
         from edgetl.ontarget.board import run_on_board
 
         device = run_on_board(ssh, bundle_dir, list(images.paths), images.images, cpu_model)
@@ -135,8 +143,9 @@ def _record(device: DeviceScores, reference: np.ndarray, host: np.ndarray, image
         "max_output_diff_steps": None if steps is None else int(round(float(steps.max()))),
         "images_over_one_step": None if steps is None else int((steps.max(1) > 1.5).sum()),
         "images_with_output_diff": int((per_image > 0).sum()),
-        "inputs_differing": int((device.input_diff_max > 0).sum()),
-        "input_diff_max": int(device.input_diff_max.max()) if len(device.input_diff_max) else 0,
+        # None: the runtime resamples the photo itself (MediaPipe), so there is no input crop to compare
+        "inputs_differing": int((device.input_diff_max > 0).sum()) if (device.input_diff_max >= 0).all() else None,
+        "input_diff_max": int(device.input_diff_max.max()) if (device.input_diff_max >= 0).all() else None,
         "invoke_ms_median": float(np.median(device.invoke_ms)),
         "where": device.where,
         "described": describe(device.where),
@@ -183,7 +192,8 @@ def markdown(verdicts: dict[str, dict[str, Any]]) -> str:
              "The bundle's own runtime (its decoding, preprocessing and interpreter) on the target's CPU, on the "
              "same images as above. Output difference: against the host's int8 on the host's exact input crops.",
              "", "| target | where | images | top-1 | Δ vs float | agreement (float) | agreement (host int8) | "
-             "largest output difference | verdict | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "largest output difference | verdict | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for record in verdicts.values():
         steps = record.get("max_output_diff_steps")
         diff = f"{record['max_output_diff']:.4f}" + (f" ({steps} steps)" if steps is not None else "")

@@ -65,7 +65,7 @@ def runtime_files() -> dict[str, bytes]:
 
 
 def bundle_readme(name: str, target: Target, model: str, accelerator: dict[str, Any] | None = None,
-                  tflm: dict[str, Any] | None = None) -> str:  # fmt: skip
+                  tflm: dict[str, Any] | None = None, crop: float = 0.875) -> str:  # fmt: skip
     shape = f"input {target.input.size}x{target.input.size} RGB {target.input.dtype} {target.input.layout}"
     if target.runtime == "tflm":
         compiled = (accelerator or {}).get("model")
@@ -101,6 +101,11 @@ Classify images or folders (the runtime checks every file's sha256 against manif
     python3 -m {RUNTIME_DIR} . path/to/image.jpg path/to/folder --top-k 3
 
 Model: {model}; {shape}; labels in labels.txt; everything else in manifest.json.
+
+Other runtimes: MediaPipe Tasks' ImageClassifier loads {model} as it is (labels from its metadata). Give
+it the region edgetl's preprocessing crops, or it stretches the whole frame and answers differently on
+a few percent of photos: ImageProcessingOptions(region_of_interest=RectF(...)) with the centred square
+whose side is {crop:.3f} of the image's shorter side.
 """
 
 
@@ -149,7 +154,9 @@ def package(
     io = {key: manifest["stages"]["export"]["artifacts"][target.artifact][key] for key in ("input", "output")}
     accelerator, tflm = _compile(run_dir, manifest, target, contents, io, compile_model, allow_cpu_ops, check_tflm)
     name = f"{run_dir.resolve().name}-{target.name}"
-    contents["README.txt"] = bundle_readme(name, target, target.artifact, accelerator, tflm).encode()
+    preprocess = manifest["stages"]["finetune"]["preprocess"]
+    contents["README.txt"] = bundle_readme(name, target, target.artifact, accelerator, tflm,
+                                           preprocess["image_size"] / preprocess["resize_size"]).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
              for rel, data in sorted(contents.items())}  # fmt: skip
     bundle_manifest = _bundle_manifest(manifest, target, name, io, files, parity, bool(force and not passed),

@@ -46,4 +46,5 @@ def _software(where: dict[str, Any]) -> str:
 def _difference(verdict: dict[str, Any]) -> str:
     steps = verdict.get("max_output_diff_steps")
     text = f"{verdict.get('max_output_diff', 0):.4f}" + (f" ({steps} steps)" if steps is not None else "")
-    return esc(text + f"; {verdict.get('inputs_differing', 0)} inputs decoded differently")
+    differing = verdict.get("inputs_differing")
+    return esc(text + ("" if differing is None else f"; {differing} input crops made differently"))

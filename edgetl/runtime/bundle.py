@@ -119,6 +119,10 @@ class Bundle:
         found = []
         if self.manifest.get("forced"):
             found.append("this model FAILED the parity check and was packaged with --force")
+        on_target = self.manifest.get("on_target") or {}
+        if on_target.get("passed") is False:
+            found.append(f"this model FAILED parity on {on_target.get('described')} (where the target runs it) "
+                         "and was packaged with --force")  # fmt: skip
         waived = (self.manifest.get("parity") or {}).get("evidence_waived")
         if waived:
             found.append(f"this model's parity evidence is weaker than its target requires ({waived}); "
