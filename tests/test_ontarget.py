@@ -202,3 +202,15 @@ def test_no_network_for_the_userland_or_the_wheels_is_one_line(checked, tmp_path
     no_index = cli("check", str(run_dir), "--on-target", target)
     assert no_index.exit_code == 1 and "cannot fetch the aarch64 wheels" in no_index.stderr, no_index.output
     assert len(no_index.stderr.strip().splitlines()) == 1
+
+
+def test_how_a_device_run_ended_is_said_in_words():
+    from edgetl.ontarget.emulate import describe, how_it_ended
+
+    assert how_it_ended(-11, "") == "crashed (SIGSEGV)"
+    assert how_it_ended(1, "edgetl-runtime: error: cannot decode x.jpg\n") == \
+        "failed (exit 1: edgetl-runtime: error: cannot decode x.jpg)"  # fmt: skip
+    where = {"kind": "emulated", "cpu": "cortex-a76", "versions": {"ai-edge-litert": "2.1.6"}}
+    assert describe(where) == "aarch64, emulated cortex-a76, ai-edge-litert 2.1.6"
+    board = {"kind": "board", "board": "Raspberry Pi 4 Model B Rev 1.5", "machine": "aarch64", "versions": {}}
+    assert describe(board) == "Raspberry Pi 4 Model B Rev 1.5 (aarch64)"

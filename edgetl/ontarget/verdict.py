@@ -134,6 +134,7 @@ def _record(device: DeviceScores, reference: np.ndarray, host: np.ndarray, image
     kernel_diff = np.abs(device.kernel_scores - host)
     steps = kernel_diff / scale if scale > 0 else None
     per_image = kernel_diff.max(1)
+    pipeline_steps = np.abs(device.scores - host).max(1) / scale if scale > 0 else None
     return {
         **{k: metrics[k] for k in ("count", "top1", "delta_top1_pp", "agreement", "agreement_ci95",
                                    "cosine_min", "sqnr_db", "per_class", "disagreements") if k in metrics},
@@ -143,6 +144,9 @@ def _record(device: DeviceScores, reference: np.ndarray, host: np.ndarray, image
         "max_output_diff_steps": None if steps is None else int(round(float(steps.max()))),
         "images_over_one_step": None if steps is None else int((steps.max(1) > 1.5).sum()),
         "images_with_output_diff": int((per_image > 0).sum()),
+        # the same on the device's own decoding and resizing (what the board answers for the photo)
+        "pipeline_max_output_diff_steps": None if pipeline_steps is None else int(round(float(pipeline_steps.max()))),
+        "pipeline_images_over_one_step": None if pipeline_steps is None else int((pipeline_steps > 1.5).sum()),
         # None: the runtime resamples the photo itself (MediaPipe), so there is no input crop to compare
         "inputs_differing": int((device.input_diff_max > 0).sum()) if (device.input_diff_max >= 0).all() else None,
         "input_diff_max": int(device.input_diff_max.max()) if (device.input_diff_max >= 0).all() else None,
