@@ -82,7 +82,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['phase']} | {r['count']} | {row['wall_seconds']} | {100 * r['top1']:.2f} % | "
             f"{r['delta_top1_pp']:+.2f} pp | {100 * r['agreement']:.2f} % | {100 * r['agreement_with_host']:.2f} % | "
-            f"{r['max_output_diff']:.4f} ({r['max_output_diff_steps']}), {r['images_over_one_step']} | "
+            f"{r['max_output_diff']:.4f} ({r['max_output_diff_steps']}), {r['images_over_one_step']} "
+            f"(on {r.get('kernel_images', r['count'])} images) | "
             f"{r.get('pipeline_max_output_diff_steps', '-')}, {r.get('pipeline_images_over_one_step', '-')} | "
             f"{r['inputs_differing']} ({r['input_diff_max']}) | {'PASS' if r['passed'] else 'FAIL'} |"
         )

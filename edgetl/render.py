@@ -103,8 +103,8 @@ def on_target_text(record: dict[str, Any], run_dir: str) -> str:
         f"({record['seconds']:.0f} s{', reused' if record.get('reused') else ''})",
         f"  top-1 {100 * record['top1']:.2f}% (Δ {record['delta_top1_pp']:+.2f} pp vs float), agreement with float "
         f"{100 * record['agreement']:.2f}%, with the host's int8 {100 * record['agreement_with_host']:.2f}%",
-        f"  largest output difference from the host's int8 on the host's input crops: {diff}; "
-        f"{record['images_over_one_step'] or 0} images over one step",
+        f"  largest output difference from the host's int8 on the host's input crops ({record.get('kernel_images')} "
+        f"images): {diff}; {record['images_over_one_step'] or 0} images over one step",
         f"  on the device's own crops: up to {record.get('pipeline_max_output_diff_steps')} steps, "
         f"{record.get('pipeline_images_over_one_step')} images over one step; " + (
             "the runtime resamples each photo itself" if record["inputs_differing"] is None else

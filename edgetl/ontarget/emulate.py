@@ -17,7 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from edgetl.subproc import die_with_parent
 log = logging.getLogger(__name__)
 
 SECONDS_PER_IMAGE = 20.0  # a generous ceiling: a 224-px MobileNetV2 takes ~1 s per image under qemu-user
+KERNEL_SAMPLE = 100  # images whose host input crop is run too, at most (evenly spread): a second invoke each
 
 
 class DeviceRunError(EdgetlError):
@@ -46,7 +47,7 @@ class DeviceScores:
     invoke_ms: list[float]
     where: dict[str, Any]  # kind (emulated/board), emulator, cpu, board, python, library versions
     seconds: float
-    unreadable: list[str] = field(default_factory=list)
+    kernel_measured: np.ndarray | None = None  # bool [N]: kernel_scores are on the host's crop (None: all)
 
 
 def qemu_version(qemu: str) -> str:
@@ -58,10 +59,11 @@ def qemu_version(qemu: str) -> str:
     return f"{Path(qemu).name.replace('-static', '')} {match.group(1) if match else '?'}"
 
 
-def score_command(bundle: Path, listing: Path, inputs: Path, first: int, step: int, cpu_model: bool) -> list[str]:
+def score_command(bundle: Path, listing: Path, inputs: Path, first: int, step: int, cpu_model: bool,
+                  kernel_every: int = 1) -> list[str]:  # fmt: skip
     """The runtime's ``scores`` command line (after the interpreter)."""
     return ["-m", "edgetl_runtime", "scores", str(bundle), "--list", str(listing), "--inputs", str(inputs),
-            "--first", str(first), "--step", str(step), "--threads", "1",
+            "--first", str(first), "--step", str(step), "--threads", "1", "--kernel-every", str(kernel_every),
             *(["--cpu"] if cpu_model else [])]  # fmt: skip
 
 
@@ -91,8 +93,10 @@ def run_emulated(bundle: Path, paths: list[str], host_inputs: np.ndarray, cpu: s
     python = str(root / "usr" / "bin" / f"python{userland.python}")
     with tempfile.TemporaryDirectory(prefix="tmp-run-", dir=emulation_root()) as tmp:
         listing, inputs = _write_inputs(Path(tmp), paths, host_inputs)
+        every = -(-len(paths) // KERNEL_SAMPLE)  # ceil: at most KERNEL_SAMPLE images run twice
         commands = [[qemu, "-L", str(root), "-cpu", cpu, python,
-                     *score_command(bundle, listing, inputs, k, count, cpu_model)] for k in range(count)]  # fmt: skip
+                     *score_command(bundle, listing, inputs, k, count, cpu_model, every)]
+                    for k in range(count)]  # fmt: skip
         lines = run_split(commands, Path(tmp), bundle, env, len(paths), f"on {describe(where)}")
     result = collect(lines, len(paths), host_inputs, where, time.perf_counter() - started)
     result.where["setup_seconds"] = round(setup_s, 1)
@@ -187,6 +191,7 @@ def collect(lines: list[dict[str, Any]], count: int, host_inputs: np.ndarray, wh
     scores = np.asarray([rows[i]["scores"] for i in range(count)], np.float32)
     kernel = np.asarray([rows[i].get("host_input_scores", rows[i]["scores"]) for i in range(count)], np.float32)
     diff = np.asarray([rows[i].get("input_diff_max", 0) for i in range(count)], np.int64)
+    measured = np.asarray([diff[i] == 0 or "host_input_scores" in rows[i] for i in range(count)])
     return DeviceScores(scores=scores, kernel_scores=kernel, input_diff_max=diff,
                         invoke_ms=[float(rows[i]["invoke_ms"]) for i in range(count)], where=where,
-                        seconds=seconds)  # fmt: skip
+                        seconds=seconds, kernel_measured=measured)  # fmt: skip

@@ -131,7 +131,8 @@ def bundle_summary(record: dict[str, Any]) -> dict[str, Any]:
 def _record(device: DeviceScores, reference: np.ndarray, host: np.ndarray, images: Any, classes: list[str],
             description: dict[str, Any], scale: float) -> dict[str, Any]:  # fmt: skip
     metrics = compare(reference, device.scores, images.labels, classes, list(images.paths), description.get("root"))
-    kernel_diff = np.abs(device.kernel_scores - host)
+    measured = np.ones(len(host), bool) if device.kernel_measured is None else device.kernel_measured
+    kernel_diff = np.abs(device.kernel_scores - host)[measured]
     steps = kernel_diff / scale if scale > 0 else None
     per_image = kernel_diff.max(1)
     pipeline_steps = np.abs(device.scores - host).max(1) / scale if scale > 0 else None
@@ -139,7 +140,9 @@ def _record(device: DeviceScores, reference: np.ndarray, host: np.ndarray, image
         **{k: metrics[k] for k in ("count", "top1", "delta_top1_pp", "agreement", "agreement_ci95",
                                    "cosine_min", "sqnr_db", "per_class", "disagreements") if k in metrics},
         "agreement_with_host": float((device.scores.argmax(1) == host.argmax(1)).mean()),
-        "kernel_agreement_with_host": float((device.kernel_scores.argmax(1) == host.argmax(1)).mean()),
+        # the kernels alone: the host's input crops through the device's interpreter, on ``kernel_images``
+        "kernel_images": int(measured.sum()),
+        "kernel_agreement_with_host": float((device.kernel_scores.argmax(1) == host.argmax(1))[measured].mean()),
         "max_output_diff": float(kernel_diff.max()),
         "max_output_diff_steps": None if steps is None else int(round(float(steps.max()))),
         "images_over_one_step": None if steps is None else int((steps.max(1) > 1.5).sum()),
