@@ -65,8 +65,9 @@ def runtime_files() -> dict[str, bytes]:
 
 
 def bundle_readme(name: str, target: Target, model: str, accelerator: dict[str, Any] | None = None,
-                  tflm: dict[str, Any] | None = None, crop: float = 0.875) -> str:  # fmt: skip
+                  tflm: dict[str, Any] | None = None, preprocess: dict[str, Any] | None = None) -> str:  # fmt: skip
     shape = f"input {target.input.size}x{target.input.size} RGB {target.input.dtype} {target.input.layout}"
+    crop = preprocess["image_size"] / preprocess["resize_size"] if preprocess else 0.875
     if target.runtime == "tflm":
         compiled = (accelerator or {}).get("model")
         firmware = compiled or model
@@ -137,8 +138,7 @@ def package(
             allows, unless ``allow_cpu_ops``.
         TFLMUnsupported: TFLite Micro cannot run the model (``check_tflm=False`` skips that run).
         RunLocked: another process writes the same output folder.
-        what ``on_target`` raises: it is called with the finished bundle, staged in a private folder,
-            before anything is written to ``out``; what it returns goes into the manifest (``on_target``).
+        what ``on_target`` raises (see :func:`_check_staged`).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -155,16 +155,12 @@ def package(
     accelerator, tflm = _compile(run_dir, manifest, target, contents, io, compile_model, allow_cpu_ops, check_tflm)
     name = f"{run_dir.resolve().name}-{target.name}"
     preprocess = manifest["stages"]["finetune"]["preprocess"]
-    contents["README.txt"] = bundle_readme(name, target, target.artifact, accelerator, tflm,
-                                           preprocess["image_size"] / preprocess["resize_size"]).encode()
+    contents["README.txt"] = bundle_readme(name, target, target.artifact, accelerator, tflm, preprocess).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
              for rel, data in sorted(contents.items())}  # fmt: skip
     bundle_manifest = _bundle_manifest(manifest, target, name, io, files, parity, bool(force and not passed),
                                        accelerator, tflm)  # fmt: skip
-    if on_target is not None:
-        with tempfile.TemporaryDirectory(prefix="edgetl-staged-") as tmp:
-            write_dir(Path(tmp) / name, {**contents, "manifest.json": dumps_json(bundle_manifest).encode()})
-            bundle_manifest["on_target"] = on_target(Path(tmp) / name)
+    bundle_manifest["on_target"] = _check_staged(on_target, name, contents, bundle_manifest)
     contents["manifest.json"] = dumps_json(bundle_manifest).encode()
     out = Path(out) if out is not None else run_dir / "bundles"
     data = reproducible_targz(name, contents, source_date_epoch())
@@ -175,7 +171,18 @@ def package(
     return PackageResult(bundle_dir=out / name, archive=out / f"{name}.tar.gz",
                          archive_sha256=hashlib.sha256(data).hexdigest(), target=target.name, files=files,
                          forced=bundle_manifest["forced"], parity=parity, accelerator=accelerator,
-                         tflm=tflm, on_target=bundle_manifest.get("on_target"))  # fmt: skip
+                         tflm=tflm, on_target=bundle_manifest["on_target"])  # fmt: skip
+
+
+def _check_staged(on_target: Callable[[Path], dict[str, Any] | None] | None, name: str, contents: dict[str, bytes],
+                  manifest: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
+    """Call ``on_target`` with the finished bundle, written to a private folder before anything is written
+    to the output folder; what it returns goes into the bundle's manifest (``on_target``; None: no check)."""
+    if on_target is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="edgetl-staged-") as tmp:
+        write_dir(Path(tmp) / name, {**contents, "manifest.json": dumps_json(manifest).encode()})
+        return on_target(Path(tmp) / name)
 
 
 def _compile(run_dir: Path, manifest: dict[str, Any], target: Target, contents: dict[str, bytes],
