@@ -334,3 +334,29 @@ def test_export_data_with_foreign_classes(toy_run, tmp_path):
     run = copy_run(toy_run[1], tmp_path / "run")
     assert_one_error(cli("export", str(run), "--no-int8", "--data", str(tmp_path / "other")), 1,
                      "not classes of this model")  # fmt: skip
+
+
+def test_ctrl_c_that_an_extension_turns_into_another_error_is_still_exit_130():
+    """E3b: SIGINT while a C extension initialises (seen in an export: "ImportError: initialization
+    failed") is an interruption, not an internal error."""
+    import os
+
+    import click
+    from click.testing import CliRunner
+
+    from edgetl.cli.edge import EdgetlGroup
+
+    @click.group(cls=EdgetlGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def load() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # what an extension's init sees as KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    result = CliRunner().invoke(group, ["load"])
+    assert result.exit_code == 130 and "interrupted" in result.stderr and "internal error" not in result.stderr
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

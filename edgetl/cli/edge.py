@@ -20,6 +20,30 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+SIGINT_SEEN = [False]  # set by the CLI's SIGINT handler: whatever exception follows a Ctrl-C is an interruption
+
+
+def _watch_sigint() -> Any:
+    """Note every Ctrl-C before Python's own handler raises KeyboardInterrupt (a C extension being
+    imported may turn that into another exception); returns the handler to restore, or None."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        SIGINT_SEEN[0] = True
+        signal.default_int_handler(signum, frame)
+
+    SIGINT_SEEN[0] = False
+    signal.signal(signal.SIGINT, on_sigint)
+    return previous
+
+
 class EdgetlGroup(click.Group):
     """Click group that turns every failure into one ``edgetl: error:`` line and an exit code.
 
@@ -35,6 +59,7 @@ class EdgetlGroup(click.Group):
         if not standalone_mode:
             return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         self._wants_json = "--json" in argv
+        previous = _watch_sigint()
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:  # bad options, missing arguments, unknown commands
@@ -42,6 +67,11 @@ class EdgetlGroup(click.Group):
             code = self._fail(exc.format_message(), hint, exc.exit_code)
         except click.Abort:  # Ctrl-C while click itself was reading input
             code = self._fail("interrupted", None, int(ExitCode.INTERRUPTED))
+        finally:
+            if previous is not None:
+                import signal
+
+                signal.signal(signal.SIGINT, previous)
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -62,6 +92,8 @@ class EdgetlGroup(click.Group):
         except Exception as exc:  # a bug: still one line, and how to see more
             from edgetl.errors import first_line
 
+            if SIGINT_SEEN[0]:  # Ctrl-C in an extension's import becomes "ImportError: initialization failed"
+                ctx.exit(self._fail("interrupted", None, int(ExitCode.INTERRUPTED)))
             self._reraise_if_asked(ctx)
             message = f"internal error: {type(exc).__name__}: {first_line(exc)}"
             ctx.exit(self._fail(message, "re-run with --traceback and report it", int(ExitCode.ERROR)))
