@@ -114,7 +114,7 @@ def run_on_board(host: str, bundle: Path, paths: list[str], host_inputs: np.ndar
     finally:
         _cleanup(host, run)
     lines = [json.loads(line) for line in done.stdout.decode(errors="replace").splitlines() if line.startswith("{")]
-    return collect(lines, len(paths), host_inputs, {"kind": "board", "host": host}, time.perf_counter() - started)
+    return collect(lines, len(paths), {"kind": "board", "host": host}, time.perf_counter() - started)
 
 
 def bench_on_board(host: str, bundle: Path, args: list[str]) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def bench_on_board(host: str, bundle: Path, args: list[str]) -> dict[str, Any]:
         result = json.loads(done.stdout.decode(errors="replace").strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise DeviceRunError(f"the benchmark on {host} printed no result") from None
-    return {**result, "host": host, "model": result.get("model")}
+    return {**result, "host": host}
 
 
 def _cleanup(host: str, run: str) -> None:

@@ -98,7 +98,7 @@ def run_emulated(bundle: Path, paths: list[str], host_inputs: np.ndarray, cpu: s
                      *score_command(bundle, listing, inputs, k, count, cpu_model, every)]
                     for k in range(count)]  # fmt: skip
         lines = run_split(commands, Path(tmp), bundle, env, len(paths), f"on {describe(where)}")
-    result = collect(lines, len(paths), host_inputs, where, time.perf_counter() - started)
+    result = collect(lines, len(paths), where, time.perf_counter() - started)
     result.where["setup_seconds"] = round(setup_s, 1)
     return result
 
@@ -172,8 +172,7 @@ def how_it_ended(code: int, stderr: str) -> str:
     return f"failed (exit {code}: {said[-1].strip()[:240] if said else 'no message'})"
 
 
-def collect(lines: list[dict[str, Any]], count: int, host_inputs: np.ndarray, where: dict[str, Any],
-            seconds: float) -> DeviceScores:  # fmt: skip
+def collect(lines: list[dict[str, Any]], count: int, where: dict[str, Any], seconds: float) -> DeviceScores:
     """Put the per-image lines back in list order; DeviceRunError when an image is missing."""
     rows: dict[int, dict[str, Any]] = {}
     for line in lines:

@@ -86,7 +86,8 @@ def measure(run_dir: Path, target: Target, bundle_dir: Path, *, ssh: str | None 
     images, description, classes, reference = float_evaluation(run_dir, manifest, data)
     host = runner_for(run_dir / target.artifact)(images.images)
     cpu_model = target.compile.tool == "edgetpu_compiler"  # the host side of an accelerator: its CPU path
-    requirements = (bundle_dir / "requirements-device.txt").read_text().split()
+    requirements = [line.strip() for line in (bundle_dir / "requirements-device.txt").read_text().splitlines()
+                    if line.strip()]  # one requirement a line: "numpy >= 1.21" has spaces
     if mediapipe:
         from edgetl.ontarget.mediapipe_tasks import run_mediapipe
 
