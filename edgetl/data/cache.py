@@ -5,7 +5,9 @@ An entry is one split of one dataset under one preprocessing: a raw uint8 array 
 are the caller's, so a process in another working folder names the files its own way). Its name is a hash of
 the decoder, the preprocessing, and every sample's absolute path, size, modification time and label,
 so a changed, added, removed or relabelled file gives a new entry (the quick check of rsync and make:
-a file rewritten with the same size and modification time is not noticed).
+a file rewritten with the same size and modification time is not noticed). Every time an entry is
+opened its metadata and the hash of every stored image are checked (:mod:`edgetl.data.cache_meta`): a
+damaged entry is rebuilt with a warning naming it, never used.
 
 Building streams decoded images from a bounded pool (:func:`edgetl.data.decode.decoded`) straight
 into a preallocated file in a private folder, then publishes the folder with one ``rename``: an entry
@@ -15,7 +17,7 @@ the next builder of that entry removes. One builder per entry at a time (a ``flo
 wrote, so N processes hold one copy, in the page cache, not N copies in their own memory.
 
 Location: ``--cache-dir``, else ``$EDGETL_CACHE_DIR``, else ``$XDG_CACHE_HOME/edgetl/images`` (or
-``~/.cache/edgetl/images``). ``edgetl cache ls`` / ``edgetl cache clear`` show and empty it.
+``~/.cache/edgetl/images``). ``edgetl cache ls`` / ``verify`` / ``clear`` show, check and empty it.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ import numpy as np
 
 from edgetl.data.decode import LoadedSplit, decoded
 from edgetl.data.folders import Sample
-from edgetl.errors import DataError, os_error_message
+from edgetl.data.cache_meta import damaged_rows, meta_problem, row_digest, samples_problem
+from edgetl.errors import DataError, first_line, os_error_message
 from edgetl.runtime.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "EDGETL_CACHE_DIR"
-FORMAT = 2  # bump when the entry layout or the decoder's output changes
+FORMAT = 3  # bump when the entry layout or the decoder's output changes
 DECODER = "pillow-draft-2x"  # the decoder's behaviour (edgetl.data.decode), part of every key
 IMAGES, META, TMP_PREFIX = "images.u8", "meta.json", "tmp-"
 
@@ -101,15 +104,17 @@ def load_split(
     started = time.perf_counter()
     root = Path(root) if root is not None else cache_root()
     key = entry_key(samples, size, spec, eval_crop)
-    opened, reused = _open(root / key, key), True
-    if opened is None:
+    opened, reused = _open(root / key, key, samples), True
+    if not isinstance(opened, tuple):
         with _entry_lock(root, key):
-            opened = _open(root / key, key)  # another process may have built it while we waited
-            if opened is None:
+            opened = _open(root / key, key, samples)  # another process may have built it while we waited
+            if not isinstance(opened, tuple):
+                if opened is not None:
+                    log.warning("the image cache entry %s is damaged (%s): rebuilding it", root / key, opened)
                 _build(root, key, samples, size, spec, eval_crop, workers, progress)
-                opened, reused = _open(root / key, key), False
-    if opened is None:
-        raise DataError(f"the image cache entry {root / key} could not be read back after building it")
+                opened, reused = _open(root / key, key, samples, verify=False), False
+    if not isinstance(opened, tuple):
+        raise DataError(f"the image cache entry {root / key} could not be read back after building it ({opened})")
     loaded = _split(*opened, samples)
     for item in loaded.cache.pop("skipped"):
         log.warning("skipping unreadable image %s: %s", item["path"], item["reason"])
@@ -119,26 +124,36 @@ def load_split(
     return loaded
 
 
-def _open(entry: Path, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """The published entry's images and metadata, or None if there is none (or it is not a complete
-    entry of ``key``)."""
+def _open(entry: Path, key: str, samples: list[Sample], verify: bool = True) -> tuple[np.ndarray, dict[str, Any]] | str | None:
+    """The published entry's images and metadata; None if there is no entry; else why the entry there
+    cannot be used (malformed or foreign metadata, a size that does not match, an image whose hash
+    changed: see :mod:`edgetl.data.cache_meta`)."""
+    if not entry.is_dir():
+        return None
     try:
         meta = json.loads((entry / META).read_text())
-        count, side = int(meta["count"]), int(meta["side"])
         size = (entry / IMAGES).stat().st_size
-        if meta.get("key") != key or not meta.get("complete") or size != count * side * side * 3:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    shape = (count, side, side, 3)
-    images = np.memmap(entry / IMAGES, np.uint8, "c", shape=shape) if count else np.zeros(shape, np.uint8)
+    except FileNotFoundError as exc:
+        return f"{Path(exc.filename or '').name or 'a file'} is missing"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"its files cannot be read: {first_line(exc)}"
+    problem = meta_problem(meta, key=key, file_size=size, fmt=FORMAT) or samples_problem(meta, samples)
+    if problem:
+        return problem
+    shape = (meta["count"], meta["side"], meta["side"], 3)
+    images = np.memmap(entry / IMAGES, np.uint8, "c", shape=shape)
+    if verify:
+        bad = damaged_rows(images, meta["rows"])
+        if bad:
+            return (f"{len(bad)} of {len(images)} stored images no longer match their hash, "
+                    f"first {samples[meta['kept'][bad[0]]].path}")  # fmt: skip
     return images, meta
 
 
 def _split(images: np.ndarray, meta: dict[str, Any], samples: list[Sample]) -> LoadedSplit:
     """An opened entry as the caller's split, its files named as the caller names them."""
     skipped = [{"path": str(samples[item["index"]].path), "reason": item["reason"]} for item in meta["skipped"]]
-    return LoadedSplit(images=images, labels=np.asarray(meta["labels"], np.int64),
+    return LoadedSplit(images=images, labels=np.asarray([samples[i].label for i in meta["kept"]], np.int64),
                        paths=[str(samples[i].path) for i in meta["kept"]], digests=list(meta["digests"]),
                        cache={"skipped": skipped})  # fmt: skip
 
@@ -186,7 +201,7 @@ def _build(root: Path, key: str, samples: list[Sample], size: int, spec: Preproc
         meta.update(format=FORMAT, key=key, side=side, mode="eval" if eval_crop else "train", complete=True,
                     preprocess=spec.to_dict(), decode_seconds=round(time.perf_counter() - started, 3))  # fmt: skip
         _write_synced(tmp / META, json.dumps(meta).encode())
-        _publish(tmp, root / key)
+        _publish(tmp, root / key, samples)
     except OSError as exc:
         raise _cache_error(exc, root) from None
     finally:
@@ -200,6 +215,7 @@ def _write_images(path: Path, samples: list[Sample], size: int, spec: Preprocess
     labels: list[int] = []
     kept: list[int] = []
     digests: list[str] = []
+    rows: list[str] = []
     skipped: list[dict[str, Any]] = []
     with open(path, "wb") as out:
         with contextlib.suppress(OSError, AttributeError):  # reserve the space now: ENOSPC here, not later
@@ -209,6 +225,7 @@ def _write_images(path: Path, samples: list[Sample], size: int, spec: Preprocess
                 skipped.append({"index": index, "reason": result})
             else:
                 out.write(np.ascontiguousarray(result[0]).data)
+                rows.append(row_digest(result[0]))
                 labels.append(sample.label)
                 kept.append(index)
                 digests.append(result[1])
@@ -221,17 +238,17 @@ def _write_images(path: Path, samples: list[Sample], size: int, spec: Preprocess
         out.flush()
         os.fsync(out.fileno())
     first = os.path.abspath(samples[kept[0]].path)  # for edgetl cache ls
-    return {"count": len(labels), "labels": labels, "kept": kept, "digests": digests, "skipped": skipped,
+    return {"count": len(labels), "labels": labels, "kept": kept, "digests": digests, "rows": rows, "skipped": skipped,
             "first": first}
 
 
-def _publish(tmp: Path, entry: Path) -> None:
+def _publish(tmp: Path, entry: Path, samples: list[Sample]) -> None:
     """Rename the finished folder into place; an entry that appeared meanwhile (a builder that took a
     lock file ``edgetl cache clear`` had just removed) is as good as ours."""
     try:
         os.rename(tmp, entry)
     except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or _open(entry, entry.name) is None:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not isinstance(_open(entry, entry.name, samples), tuple):
             raise
     _fsync_dir(entry.parent)
 
@@ -272,11 +289,12 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-# ----------------------------------------------------------------------------- edgetl cache ls / clear
+# ----------------------------------------------------------------------------- edgetl cache ls / verify / clear
 
 
-def entries(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """The published entries (newest first) and the leftovers of interrupted builds."""
+def entries(root: str | os.PathLike | None = None, *, verify: bool = False) -> list[dict[str, Any]]:
+    """The published entries (newest first) and the leftovers of interrupted builds. ``state`` is ok,
+    unfinished or damaged (with ``problem``); ``verify`` also hashes every stored image (slow: reads all)."""
     root = Path(root) if root is not None else cache_root()
     found = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
@@ -287,22 +305,35 @@ def entries(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
         if path.name.startswith(TMP_PREFIX):
             item["state"] = "unfinished"
         else:
-            try:
-                meta = json.loads((path / META).read_text())
-                item.update(state="ok", images=meta["count"], side=meta["side"], mode=meta["mode"],
-                            first=meta["first"])  # fmt: skip
-            except (OSError, ValueError, KeyError, IndexError):
-                item["state"] = "broken"
+            item.update(_entry_state(path, verify))
         found.append(item)
     return sorted(found, key=lambda item: -item["modified"])
 
 
-def clear(root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Remove every entry not being built right now (a mapped entry stays readable to the process that
-    maps it until it exits). Returns what was removed and what was left."""
+def _entry_state(path: Path, verify: bool) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META).read_text())
+        problem = meta_problem(meta, key=path.name, file_size=(path / IMAGES).stat().st_size, fmt=FORMAT)
+    except (OSError, ValueError, RecursionError) as exc:
+        meta, problem = None, f"its files cannot be read: {first_line(exc)}"
+    if problem is None and verify:
+        images = np.memmap(path / IMAGES, np.uint8, "r", shape=(meta["count"], meta["side"], meta["side"], 3))
+        bad = damaged_rows(images, meta["rows"])
+        if bad:
+            problem = f"{len(bad)} of {meta['count']} stored images no longer match their hash"
+    if problem is not None:
+        return {"state": "damaged", "problem": problem}
+    return {"state": "ok", "images": meta["count"], "side": meta["side"], "mode": meta["mode"], "first": meta["first"]}
+
+
+def clear(root: str | os.PathLike | None = None, *, only: set[str] | None = None) -> dict[str, Any]:
+    """Remove every entry (or those named in ``only``) not being built right now (a mapped entry stays
+    readable to the process that maps it until it exits). Returns what was removed and what was left."""
     root = Path(root) if root is not None else cache_root()
     removed, busy, freed = [], [], 0
     for item in entries(root):
+        if only is not None and item["entry"] not in only:
+            continue
         key = item["entry"].removeprefix(TMP_PREFIX).split("-")[0]
         lock = root / f"{key}.lock"
         with open(lock, "a+b") as handle:
