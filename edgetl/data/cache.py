@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.data.cache_meta import damaged_rows, meta_problem, row_digest, samples_problem
 from edgetl.data.decode import LoadedSplit, decoded
 from edgetl.data.folders import Sample
-from edgetl.data.cache_meta import damaged_rows, meta_problem, row_digest, samples_problem
 from edgetl.errors import DataError, first_line, os_error_message
 from edgetl.runtime.preprocess import PreprocessSpec
 
@@ -124,7 +124,10 @@ def load_split(
     return loaded
 
 
-def _open(entry: Path, key: str, samples: list[Sample], verify: bool = True) -> tuple[np.ndarray, dict[str, Any]] | str | None:
+Opened = tuple[np.ndarray, dict[str, Any]]
+
+
+def _open(entry: Path, key: str, samples: list[Sample], verify: bool = True) -> Opened | str | None:
     """The published entry's images and metadata; None if there is no entry; else why the entry there
     cannot be used (malformed or foreign metadata, a size that does not match, an image whose hash
     changed: see :mod:`edgetl.data.cache_meta`)."""
