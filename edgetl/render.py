@@ -171,6 +171,8 @@ def package_text(result: Any) -> str:
                      "images)")  # fmt: skip
     if result.forced:
         lines.append("WARNING: packaged with --force although parity failed")
+    for failure in result.parity.get("failed_verdicts") or []:
+        lines.append(f"WARNING: packaged although it failed parity on {failure}")
     if result.parity.get("evidence_waived"):
         lines.append(f"WARNING: packaged on weak parity evidence: {result.parity['evidence_waived']}")
     return "\n".join(lines)

@@ -11,6 +11,10 @@ Commands that load a model run in a fresh process, so a crash shows as a signal,
 | P3 | `package --accept-weak-parity` ships it, records `evidence_waived`; the runtime warns | 0 |
 | P4 | a re-check on the whole val split (32 images, under the default `min_images` 100) ships | 0 |
 | P5 | a target whose `min_images` exceeds an export's own check on `--data` refuses it | 3 |
+| P6 | a check on the val split fails, a later one on 2 images passes: `--accept-weak-parity` refuses | 3 |
+| P7 | the same verdicts: `--force` ships, the manifest and the runtime name the failed verdict | 0 |
+| P8 | a failed check on 2 images, a passing one on the whole val split: ships (the stronger stands) | 0 |
+| P9 | a failed and a passing check on the same number of images: refused, waiver or not | 3 |
 | B1 | truncated model in a bundle with a re-hashed manifest: `verify` | 6 |
 | B2 | the same: `edgetl run` (no SIGSEGV) | 6 |
 | B3 | the same: the device runtime `python -m edgetl.runtime` | 6 |
@@ -154,6 +158,100 @@ def test_min_images_applies_to_the_exports_own_check_too(shipped, tmp_path):
     outcome = cli("package", str(run), "--target", small_target(tmp_path, min_images=25),
                   "--out", str(tmp_path / "out"))  # fmt: skip
     assert_one_error(outcome, 3, "rests on 20 images, rpi4-faults needs at least 25")
+
+
+def _failing_check(run, monkeypatch, *extra: str) -> None:
+    """``check`` with an int8 kernel that answers the wrong class (the next one): a real failed verdict
+    through the real code path, recorded in the run's verdict history."""
+    import numpy as np
+
+    import edgetl.check.parity as parity
+
+    real = parity.runner_for
+
+    def wrong(path):
+        runner = real(path)
+        return (lambda images: np.roll(runner(images), 1, axis=1)) if path.name == "model_int8.tflite" else runner
+
+    with monkeypatch.context() as patch:
+        patch.setattr(parity, "runner_for", wrong)
+        assert cli("-q", "check", str(run), *extra).code == 3
+
+
+def _passing_check(run, *extra: str) -> int:
+    outcome = cli("-q", "check", str(run), *extra)
+    if outcome.code != 0 or read_manifest(run)["stages"]["check"]["passed"] is False:
+        pytest.skip("the images of the later check happen to fail parity; P1 covers that refusal")
+    return read_manifest(run)["stages"]["check"]["data"]["count"]
+
+
+def test_a_waiver_cannot_overrule_a_failed_verdict_on_more_images(shipped, tmp_path, monkeypatch):
+    """P6: the issue's case (exit 0 and 'passed: true' before)."""
+    run = copy_run(shipped[0], tmp_path / "run")
+    _failing_check(run, monkeypatch)
+    assert _passing_check(run, "--data", str(_tiny(run, tmp_path))) == 2
+    history = read_manifest(run)["stages"]["check"]["history"]
+    assert [(h["data"]["count"], h["artifacts"]["model_int8.tflite"]["passed"]) for h in history][-2:] == [
+        (32, False), (2, True)]  # fmt: skip
+    outcome = cli("package", str(run), "--target", shipped[2], "--out", str(tmp_path / "out"), "--accept-weak-parity")
+    assert_one_error(outcome, 3, "failed parity for rpi4-faults on 32 images of the val split", "agreement 0.00%",
+                     "cannot overrule it")  # fmt: skip
+    assert not (tmp_path / "out" / "run-rpi4-faults").exists()
+
+
+def test_force_ships_it_and_says_what_failed(shipped, tmp_path, monkeypatch):
+    """P7"""
+    run = copy_run(shipped[0], tmp_path / "run")
+    _failing_check(run, monkeypatch)
+    _passing_check(run, "--data", str(_tiny(run, tmp_path)))
+    outcome = cli("-q", "package", str(run), "--target", shipped[2], "--out", str(tmp_path / "out"), "--force")
+    assert outcome.code == 0, outcome
+    bundle = tmp_path / "out" / "run-rpi4-faults"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["forced"] is True and "rests on 2 images" in manifest["parity"]["evidence_waived"]
+    [failure] = manifest["parity"]["failed_verdicts"]
+    assert failure.startswith("32 images of the val split at ") and "agreement 0.00%" in failure
+    ran = edgetl("run", str(bundle), str(shipped[3]))
+    assert ran.code == 0 and f"WARNING: this model FAILED parity on {failure}" in ran.stderr, ran
+
+
+def test_a_passing_check_on_more_images_stands_over_a_weaker_failure(shipped, tmp_path, monkeypatch):
+    """P8"""
+    run = copy_run(shipped[0], tmp_path / "run")
+    _failing_check(run, monkeypatch, "--data", str(_tiny(run, tmp_path)))
+    assert cli("-q", "check", str(run), "--max-drop", "10", "--min-agreement", "0.85").code == 0
+    outcome = cli("-q", "package", str(run), "--target", shipped[2], "--out", str(tmp_path / "out"), "--json")
+    assert outcome.code == 0, outcome
+    assert "failed_verdicts" not in json.loads(outcome.stdout)["parity"]
+
+
+@pytest.mark.parametrize("waiver", [[], ["--accept-weak-parity"]], ids=["plain", "waiver"])
+def test_an_equal_failed_check_is_not_outvoted(shipped, tmp_path, monkeypatch, waiver):
+    """P9"""
+    run = copy_run(shipped[0], tmp_path / "run")
+    _failing_check(run, monkeypatch)
+    assert cli("-q", "check", str(run), "--max-drop", "10", "--min-agreement", "0.85").code == 0
+    outcome = cli("package", str(run), "--target", shipped[2], "--out", str(tmp_path / "out"), *waiver)
+    assert_one_error(outcome, 3, "on 32 images of the val split", "cannot overrule it")
+
+
+def test_re_exported_models_start_a_new_history(shipped, tmp_path):
+    """A verdict is about the bytes it measured: one on a model exported again no longer counts."""
+    from edgetl.check.metrics import ParityReport
+    from edgetl.check.parity import verdict_history
+    from edgetl.config import Thresholds
+
+    manifest = read_manifest(shipped[0])
+    old = manifest["stages"]["check"]["history"]
+    assert old and all(h["artifacts"]["model_int8.tflite"]["sha256"] == manifest["files"]["model_int8.tflite"]["sha256"]
+                       for h in old)  # fmt: skip
+    manifest["files"]["model_int8.tflite"]["sha256"] = "0" * 64  # exported again
+    metrics = {"passed": True, "top1": 1.0, "delta_top1_pp": 0.0, "agreement": 1.0}
+    report = ParityReport(passed=True, thresholds=Thresholds(), data={"source": "val split", "count": 32},
+                          float_metrics={}, artifacts={"model_int8.tflite": metrics})  # fmt: skip
+    history = verdict_history(manifest, report)
+    assert len(history) == 1 + sum(bool(set(h["artifacts"]) - {"model_int8.tflite"}) for h in old)
+    assert history[-1]["artifacts"]["model_int8.tflite"]["sha256"] == "0" * 64
 
 
 # ----------------------------------------------------------------------------- bundles and the runtime

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,39 @@ def write_report(run_dir: Path, report: ParityReport, classes: list[str]) -> Non
     charts.per_class_bars(shown, series, run_dir / "parity.png")
     verdicts = {name: {k: m[k] for k in ("passed", "top1", "delta_top1_pp", "agreement", "sqnr_db")}
                 for name, m in report.artifacts.items()}  # fmt: skip
+    history = verdict_history(read_manifest(run_dir), report)
     update_manifest(run_dir, "check", ["parity.json", "parity.md", "parity.png"],
                     {"passed": report.passed, "thresholds": report.thresholds.to_dict(), "data": report.data,
-                     "artifacts": verdicts})  # fmt: skip
+                     "artifacts": verdicts, "history": history})  # fmt: skip
+
+
+HISTORY_LIMIT = 100
+
+
+def verdict_history(manifest: dict[str, Any], report: ParityReport) -> list[dict[str, Any]]:
+    """Every verdict the run's current artifacts have had (oldest first, ``report`` last): per artifact
+    the file's sha256 it was measured on and its metrics, with the evidence (source, count, digest,
+    thresholds). A later, weaker check adds to it; it never erases a failure (:mod:`edgetl.package.gates`
+    refuses to let a waiver overrule one). Verdicts about files exported again, or against another float
+    model, are dropped."""
+    files = manifest["files"]
+    entry = {
+        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reference": files[MODEL]["sha256"],  # the float model it was compared with
+        "data": {k: report.data.get(k) for k in ("source", "root", "count", "sha256")},
+        "thresholds": report.thresholds.to_dict(),
+        "artifacts": {name: {"sha256": files[name]["sha256"], "passed": bool(m["passed"]), "top1": m["top1"],
+                             "delta_top1_pp": m["delta_top1_pp"], "agreement": m["agreement"]}
+                      for name, m in report.artifacts.items() if name in files},
+    }  # fmt: skip
+    previous = (manifest["stages"].get("check") or {}).get("history")
+
+    def current(item: Any) -> bool:
+        measured = item.get("artifacts") if isinstance(item, dict) else None
+        return isinstance(measured, dict) and item.get("reference") == entry["reference"] and any(
+            isinstance(a, dict) and (files.get(name) or {}).get("sha256") == a.get("sha256")
+            for name, a in measured.items()
+        )
+
+    kept = [item for item in previous if current(item)] if isinstance(previous, list) else []
+    return [*kept, entry][-HISTORY_LIMIT:]

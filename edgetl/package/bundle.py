@@ -158,8 +158,8 @@ def package(
     contents["README.txt"] = bundle_readme(name, target, target.artifact, accelerator, tflm, preprocess).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
              for rel, data in sorted(contents.items())}  # fmt: skip
-    bundle_manifest = _bundle_manifest(manifest, target, name, io, files, parity, bool(force and not passed),
-                                       accelerator, tflm)  # fmt: skip
+    overruled = force and (not passed or bool(parity.get("failed_verdicts")))
+    bundle_manifest = _bundle_manifest(manifest, target, name, io, files, parity, overruled, accelerator, tflm)
     bundle_manifest["on_target"] = _check_staged(on_target, name, contents, bundle_manifest)
     contents["manifest.json"] = dumps_json(bundle_manifest).encode()
     out = Path(out) if out is not None else run_dir / "bundles"

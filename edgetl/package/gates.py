@@ -34,8 +34,44 @@ def parity_verdict(manifest: dict[str, Any], artifact: str, target: Target) -> t
         data=check.get("data"),
         thresholds=check.get("thresholds"),
         evidence_problems=evidence_problems(manifest, target),
+        failed_before=failed_before(manifest, artifact, target, int((check.get("data") or {}).get("count", 0))),
     )
     return bool(passed), metrics
+
+
+def failed_before(manifest: dict[str, Any], artifact: str, target: Target, count: int) -> list[dict[str, Any]]:
+    """The recorded verdicts on these exact bytes of ``artifact`` that fail the target's thresholds on at
+    least ``count`` images (the shipping verdict's): evidence at least as strong that it fails, which no
+    waiver can overrule (:func:`edgetl.check.parity.verdict_history`)."""
+    sha256 = (manifest["files"].get(artifact) or {}).get("sha256")
+    thresholds = Thresholds(max_drop=target.parity.max_drop, min_agreement=target.parity.min_agreement)
+    found = []
+    history = manifest["stages"]["check"].get("history")
+    for item in history if isinstance(history, list) else []:
+        measured = (item.get("artifacts") or {}).get(artifact) if isinstance(item, dict) else None
+        if not _is_verdict(measured) or measured["sha256"] != sha256 or thresholds.passes(measured):
+            continue
+        data = item.get("data") if isinstance(item.get("data"), dict) else {}
+        if isinstance(data.get("count"), int) and data["count"] >= count:
+            found.append({"checked_at": item.get("checked_at"), "source": data.get("source"),
+                          "root": data.get("root"), "count": data.get("count"), "top1": measured["top1"],
+                          "delta_top1_pp": measured["delta_top1_pp"], "agreement": measured["agreement"]})  # fmt: skip
+    return found
+
+
+def _is_verdict(measured: Any) -> bool:
+    return isinstance(measured, dict) and isinstance(measured.get("sha256"), str) and all(
+        isinstance(measured.get(key), (int, float)) for key in ("top1", "delta_top1_pp", "agreement")
+    )
+
+
+def describe_failure(item: dict[str, Any]) -> str:
+    """One failed verdict in a line: where, how many images, Δtop-1 and agreement."""
+    where = item.get("source") or "?"
+    if item.get("source") == "folder" and item.get("root"):
+        where = f"folder {item['root']}"
+    return (f"{item['count']} images of the {where} at {item.get('checked_at') or '?'}: "
+            f"top-1 Δ {item['delta_top1_pp']:+.2f} pp, agreement {100 * item['agreement']:.2f}%")
 
 
 def evidence_problems(manifest: dict[str, Any], target: Target) -> list[str]:
@@ -100,6 +136,17 @@ def judge_parity(manifest: dict[str, Any], artifact: str, target: Target, force:
             hint="see parity.md; --force packages it anyway and records that in the manifest",
         )
     problems = parity.pop("evidence_problems", [])
+    failures = parity.pop("failed_before", [])
+    if failures:
+        parity["failed_verdicts"] = [describe_failure(item) for item in failures]
+    if passed and failures and not force:
+        raise ParityRefused(
+            f"{artifact} failed parity for {target.name} on {describe_failure(failures[-1])}; the later check "
+            f"on {parity['data']['count']} images cannot overrule it (--accept-weak-parity waives too few "
+            "images, never a failed verdict on as many or more)",
+            hint="fix the model (edgetl export's remedies, edgetl qat) and check again; --force packages it "
+                 "anyway and records the failure in the bundle",
+        )  # fmt: skip
     if passed and problems and not (accept_weak_parity or force):
         raise ParityRefused(
             f"the parity verdict for {artifact} is too weak to ship on: {'; '.join(problems)}",

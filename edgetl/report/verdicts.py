@@ -127,6 +127,7 @@ def bundles(view: RunView) -> str:
         target, parity_ = b.get("target", {}), b.get("parity") or {}
         flags = " · forced" if b.get("forced") else ""
         flags += " · weak evidence accepted" if parity_.get("evidence_waived") else ""
+        flags += " · failed an earlier check" if parity_.get("failed_verdicts") else ""
         rows.append([esc(b.get("name")), esc(target.get("name")), esc(target.get("description", "")),
                      f"<code>{esc(b.get('model'))}</code>", badge(parity_.get("passed")) + esc(flags)])  # fmt: skip
         for kind in ("accelerator", "tflm"):

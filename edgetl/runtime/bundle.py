@@ -123,7 +123,10 @@ class Bundle:
         if on_target.get("passed") is False:
             found.append(f"this model FAILED parity on {on_target.get('described')} (where the target runs it) "
                          "and was packaged with --force")  # fmt: skip
-        waived = (self.manifest.get("parity") or {}).get("evidence_waived")
+        parity = self.manifest.get("parity") or {}
+        for failure in parity.get("failed_verdicts") or []:
+            found.append(f"this model FAILED parity on {failure} and was packaged with --force")
+        waived = parity.get("evidence_waived")
         if waived:
             found.append(f"this model's parity evidence is weaker than its target requires ({waived}); "
                          "it was packaged with --accept-weak-parity")  # fmt: skip
