@@ -1,11 +1,43 @@
-"""Charts of a run, written as PNG files (matplotlib, Agg backend, imported lazily)."""
+"""Charts of a run, written as PNG files (matplotlib, Agg backend, imported lazily).
+
+matplotlib's own warnings (a class name in a script its font lacks: "Glyph ... missing"; a layout too
+tight for long names) are kept off the terminal: each chart function logs them at debug level
+(``edgetl -vv``) instead. The chart is still written; labels.txt and the report name the classes right.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgetl.rundir import atomic_path
+
+log = logging.getLogger(__name__)
+Chart = TypeVar("Chart", bound=Callable[..., None])
+
+
+def _quiet(chart: Chart) -> Chart:
+    """Run a chart function with matplotlib's warnings (Python warnings and its logger) logged at debug."""
+
+    @functools.wraps(chart)
+    def quiet(*args: Any, **kwargs: Any) -> None:
+        mpl_log = logging.getLogger("matplotlib")
+        level = mpl_log.level
+        mpl_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                chart(*args, **kwargs)
+        finally:
+            mpl_log.setLevel(level)
+        for message in {str(w.message) for w in caught}:
+            log.debug("%s: %s", chart.__name__, message)
+
+    return quiet  # type: ignore[return-value]
 
 
 def _pyplot():
@@ -23,6 +55,7 @@ def _save(fig, path: Path) -> None:
     fig.clf()
 
 
+@_quiet
 def training_curves(history: list[dict[str, Any]], head_epochs: int, path: str | Path) -> None:
     """Loss and accuracy per epoch, train and val, with the phase boundary marked."""
     plt = _pyplot()
@@ -44,6 +77,7 @@ def training_curves(history: list[dict[str, Any]], head_epochs: int, path: str |
     plt.close(fig)
 
 
+@_quiet
 def confusion_matrix(matrix: list[list[int]], classes: list[str], path: str | Path) -> None:
     """Confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
     plt = _pyplot()
@@ -67,6 +101,7 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], path: str | Pa
     plt.close(fig)
 
 
+@_quiet
 def per_class_bars(classes: list[str], series: dict[str, list[float]], path: str | Path) -> None:
     """Per-class top-1 (%) of the float model and each artifact, side by side."""
     import numpy as np

@@ -6,7 +6,10 @@ and exits with the error's code. Library code raises; it never prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
+from collections.abc import Iterator
 
 
 class ExitCode(enum.IntEnum):
@@ -111,6 +114,32 @@ class RunLocked(EdgetlError):
 
 class TrainingDiverged(EdgetlError):
     """The loss became non-finite; the last good state is kept."""
+
+
+# Set by the CLI's SIGINT handler (edgetl.cli.edge) before Python raises KeyboardInterrupt. Python can
+# swallow that exception (raised inside an at-fork hook, a __del__, a C extension's init: "Exception
+# ignored in ..."), so code that publishes a result asks :func:`raise_if_interrupted` first.
+SIGINT_SEEN = [False]
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed in this command, even if that interrupt was lost:
+    called before a result is published (:func:`edgetl.rundir.atomic_path`, the export's install) and
+    when a child process returns, so a lost Ctrl-C still stops the command with nothing new trusted."""
+    if SIGINT_SEEN[0]:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def writing_into(where: str | os.PathLike) -> Iterator[None]:
+    """An OSError without a path (a full disk while a library writes a file it opened: ``[Errno 28] No
+    space left on device``) gets ``where`` as its path, so the one-line error says which disk is full."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = os.fspath(where)
+        raise
 
 
 def first_line(exc: BaseException) -> str:

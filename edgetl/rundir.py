@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl import __version__
-from edgetl.errors import RunDirError, RunLocked
+from edgetl.errors import RunDirError, RunLocked, raise_if_interrupted, writing_into
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -51,9 +51,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.umask(umask)
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; artifacts get normal permissions
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        with writing_into(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        raise_if_interrupted()  # a Ctrl-C that Python swallowed still publishes nothing
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

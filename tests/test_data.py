@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,44 @@ def test_non_image_files_and_hidden_folders_are_ignored(tmp_path):
     splits = discover(tmp_path)
     assert splits.classes == ["a", "b"]
     assert len(splits.train) + len(splits.val) == 6
+
+
+def _edgetl_run(folder: Path, kind: str) -> None:
+    """What an old run (or bundle) copied into a dataset looks like: charts and a manifest."""
+    write_image(folder / "training.png", size=(64, 48))
+    write_image(folder / "parity.png", size=(64, 48))
+    manifest = {"edgetl_version": "0.9", "files": {}, "stages": {}} if kind == "run" else {"kind": "edgetl-bundle"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind", ["run", "bundle"])
+def test_edgetl_run_folders_inside_the_data_are_skipped_and_named(tmp_path, caplog, kind):
+    make_folder(tmp_path, {"a": 4, "b": 4})
+    _edgetl_run(tmp_path / "runs-old", kind)  # beside the classes: it would become a class
+    _edgetl_run(tmp_path / "a" / "nested" / "run", kind)  # inside a class: its charts would be "a" images
+    (tmp_path / "b" / "manifest.json").write_text("[]")  # not an edgetl manifest: b stays a class
+    with caplog.at_level(logging.WARNING, logger="edgetl.data.folders"):
+        splits = discover(tmp_path)
+    assert splits.classes == ["a", "b"] and len(splits.train) + len(splits.val) == 8
+    assert splits.skipped_folders == [str(tmp_path / "runs-old"), str(tmp_path / "a" / "nested" / "run")]
+    for folder in splits.skipped_folders:
+        assert f"skipping folder {folder} (an edgetl run or bundle folder)" in caplog.text
+
+
+def test_every_skipped_folder_is_named(tmp_path, caplog):
+    make_folder(tmp_path / "train", {"a": 3, "b": 3})
+    make_folder(tmp_path / "val", {"a": 1, "b": 1})
+    for name in ("...", "..x", ".git"):
+        make_folder(tmp_path / "train" / name, {"c": 1})
+    make_folder(tmp_path / "train" / "a" / ".thumbs", {"x": 2})  # hidden inside a class: not "a" images
+    make_folder(tmp_path / "extra", {"a": 1})  # beside train/ and val/: not a split
+    with caplog.at_level(logging.WARNING, logger="edgetl.data.folders"):
+        splits = discover(tmp_path)
+    assert splits.counts() == {"train": 6, "val": 2, "test": 0}
+    expected = {str(tmp_path / "train" / n) for n in ("...", "..x", ".git")}
+    expected |= {str(tmp_path / "train" / "a" / ".thumbs"), str(tmp_path / "extra")}
+    assert set(splits.skipped_folders) == expected
+    assert all(f"skipping folder {folder} (" in caplog.text for folder in expected)
 
 
 @pytest.mark.parametrize(

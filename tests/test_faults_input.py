@@ -12,6 +12,10 @@ covers parity evidence, exports, bundles and the device runtime.
 | O10 | unknown command | 2 |
 | O11 | unknown target name | 2 |
 | O12 | `--json` on a failure prints one `{"ok": false, "error": ...}` object on stdout | 1 |
+| O13-O19 | an option the chosen `--strategy` ignores (`feature-extraction --unfreeze-from 5`, | 2 |
+|       | `full --backbone-lr-mult 0.5`, `partial --layer-decay`, `auto --unfreeze-from`, ...) | |
+| O20-O22 | `--threads` above 4 per CPU (at least 64): `benchmark`, `run`, `bench` | 2 |
+| O23 | no option's help shows an unbounded range (`[x<=None]`) | - |
 | D1 | class folder name with a newline | 1 |
 | D2 | class folder name with a tab | 1 |
 | D3 | class folder name with a Unicode line separator | 1 |
@@ -20,8 +24,11 @@ covers parity evidence, exports, bundles and the device runtime.
 | D6 | `--out` inside the dataset | 2 |
 | D7 | dataset folder missing | 1 |
 | D8 | every image unreadable | 1 |
+| D9 | an old run folder and a hidden `...` folder inside DATA, classes 猫/犬: both skipped and named, | 0 |
+|    | every stderr line is edgetl's (no matplotlib glyph warnings) | |
 | T1 | `--lr 1e30`: training diverges in epoch 1, nothing saved | 1 |
 | T2 | loss turns non-finite in epoch 2: the epoch-1 checkpoint is kept, no model.pt | 1 |
+| T1b | `--lr 1e9` (finite, loss ~1e20): training diverged, far above a guessing model's loss | 1 |
 | T3 | 0-byte `model.pt`, then `export` | 1 |
 | T4 | 0-byte `model.pt`, then `qat` | 1 |
 | T5 | garbage `checkpoints/last.pt`, then `--resume` | 1 |
@@ -34,14 +41,15 @@ covers parity evidence, exports, bundles and the device runtime.
 | R1 | finetune into a read-only folder | 1 |
 | R2 | export of a run on a read-only file system | 1 |
 | R3 | check of a run on a read-only file system | 1 |
-| F1 | finetune on a full disk: no model, no temporary files | 1 |
-| F2 | export on a full disk: no artifact, no work folder, manifest untouched | 1 |
+| F1 | finetune on a full disk: the error names the file, no model, no temporary files | 1 |
+| F2 | export on a full disk: the error names the folder, no artifact, no work folder, manifest untouched | 1 |
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -86,15 +94,53 @@ TOY = ["--width", "0.35", "--image-size", "32", "--head-epochs", "1", "--finetun
         (["finetune", "{data}", "--out", "{tmp}/r", "--label-smoothing", "inf"], "--label-smoothing"),
         (["frobnicate"], "No such command"),
         (["package", "{tmp}", "--target", "rpi9"], "unknown target 'rpi9'"),
+        (["finetune", "{data}", "--out", "{tmp}/r", "--strategy", "feature-extraction", "--unfreeze-from", "5"],
+         "--unfreeze-from applies to --strategy partial; with --strategy feature-extraction it would be ignored"),
+        (["finetune", "{data}", "--out", "{tmp}/r", "--strategy", "full", "--backbone-lr-mult", "0.5"],
+         "--backbone-lr-mult applies to --strategy partial; with --strategy full"),
+        (["finetune", "{data}", "--out", "{tmp}/r", "--strategy", "partial", "--layer-decay", "0.8"],
+         "--layer-decay applies to --strategy full or auto"),
+        (["finetune", "{data}", "--out", "{tmp}/r", "--strategy", "auto", "--unfreeze-from", "3"],
+         "--unfreeze-from applies to --strategy partial; with --strategy auto"),
+        (["finetune", "{data}", "--out", "{tmp}/r", "--strategy", "full", "--probe-epochs", "2"],
+         "--probe-epochs applies to --strategy auto"),
+        (["finetune", "{data}", "--out", "{tmp}/r", "--unfreeze-from", "3", "--unfreeze-epochs", "2"],
+         "--unfreeze-epochs applies to --strategy full or auto; with --strategy partial"),
+        (["finetune", "{data}", "--out", "{tmp}/r", "--strategy", "feature-extraction", "--unfreeze-epochs", "2"],
+         "--unfreeze-epochs applies"),
+        (["benchmark", "{tmp}", "--threads", "1,100000"], "100000 threads is more than"),
+        (["run", "{tmp}", "--threads", "100000"], "--threads 100000 is more than"),
+        (["bench", "{tmp}", "--threads", "2,100000"], "--threads 100000 is more than"),
     ],
     ids=["O1-lr-inf", "O2-lr-nan", "O3-lr-negative", "O4-width-0", "O5-max-drop-inf", "O6-min-agreement-1.5",
          "O7-qat-lr-inf", "O8-val-fraction-nan", "O9-label-smoothing-inf", "O10-unknown-command",
-         "O11-unknown-target"],
+         "O11-unknown-target", "O13-fe-unfreeze-from", "O14-full-backbone-lr-mult", "O15-partial-layer-decay",
+         "O16-auto-unfreeze-from", "O17-full-probe-epochs", "O18-implied-partial-unfreeze-epochs",
+         "O19-fe-unfreeze-epochs", "O20-benchmark-threads", "O21-run-threads", "O22-bench-threads"],
 )  # fmt: skip
 def test_bad_options_are_usage_errors(toy_data, tmp_path, args, words):
     outcome = cli(*[a.format(data=toy_data, tmp=tmp_path) for a in args])
     assert_one_error(outcome, 2, words)
     assert not (tmp_path / "r").exists() and not (tmp_path / "q").exists()
+
+
+def test_no_option_help_shows_an_unbounded_range():
+    """O23: click prints a FloatRange without bounds as ``[x<=None]``."""
+    import click
+
+    from edgetl.cli import main
+
+    def commands(group, prefix=()):
+        for name, command in group.commands.items():
+            yield (*prefix, name), command
+            if isinstance(command, click.Group):
+                yield from commands(command, (*prefix, name))
+
+    found = list(commands(main))
+    assert len(found) > 15
+    for path, _ in found:
+        text = cli(*path, "--help").stdout
+        assert not re.search(r"\[[^\]]*None[^\]]*\]", text), (path, text)
 
 
 def test_json_failure_is_one_error_object_on_stdout(tmp_path):
@@ -160,6 +206,23 @@ def test_out_inside_the_dataset_is_refused(toy_data, tmp_path):
     assert sorted(p.name for p in data.iterdir()) == before
 
 
+def test_run_folders_and_hidden_folders_inside_the_data_are_skipped_and_named(toy_data, toy_run, tmp_path):
+    """D9: an old run copied into DATA was a class (its charts the images); `...` was skipped unnamed;
+    class names in a script matplotlib's font lacks put "Glyph missing" warnings on stderr."""
+    data = tmp_path / "data"
+    for name, new in zip(TOY_CLASSES[:2], ("猫", "犬"), strict=True):
+        shutil.copytree(toy_data / name, data / new)
+    shutil.copytree(toy_run[1], data / "old-run", ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(toy_data / TOY_CLASSES[2], data / "...")
+    outcome = edgetl("finetune", str(data), "--out", str(tmp_path / "r"), *TOY)
+    assert outcome.code == 0, outcome
+    assert (tmp_path / "r" / "labels.txt").read_text(encoding="utf-8").split() == ["犬", "猫"]
+    assert f"skipping folder {data / 'old-run'} (an edgetl run or bundle folder)" in outcome.stderr
+    assert f"skipping folder {data / '...'} (hidden)" in outcome.stderr
+    foreign = [line for line in outcome.stderr.splitlines() if line.strip() and not line.startswith("edgetl: ")]
+    assert foreign == [], outcome
+
+
 def test_missing_and_unreadable_datasets(tmp_path):
     """D7, D8"""
     assert_one_error(cli("finetune", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TOY), 1, "does not exist")
@@ -182,6 +245,15 @@ def test_diverging_training_stops_with_nothing_saved(toy_data, tmp_path):
                      "training diverged in epoch 1", "nothing was saved")  # fmt: skip
     assert not (run / "model.pt").exists() and not (run / "checkpoints" / "last.pt").exists()
     assert temporaries(run) == []
+
+
+def test_a_finite_but_exploding_loss_is_divergence_too(toy_data, tmp_path):
+    """T1b: the issue's case: --lr 1e9 ended with exit 0 and a validation loss of 1e21."""
+    run = tmp_path / "r"
+    line = assert_one_error(cli("finetune", str(toy_data), "--out", str(run), *TOY, "--lr", "1e9"), 1,
+                            "training diverged in epoch 1", "a model that guesses scores 1.1")  # fmt: skip
+    assert "inf" not in line.split("(")[1].split(";")[0]  # finite: caught by the size of the loss, not by NaN
+    assert not (run / "model.pt").exists()
 
 
 def test_divergence_in_epoch_2_keeps_the_epoch_1_checkpoint(toy_data, tmp_path, monkeypatch):
@@ -314,7 +386,8 @@ def test_finetune_on_a_full_disk(toy_data, tmp_path):
     """F1"""
     with mounted_tmpfs(tmp_path / "full", 256) as full:
         run = full / "r"
-        assert_one_error(cli("finetune", str(toy_data), "--out", str(run), *TOY), 1, "no space left on device")
+        assert_one_error(cli("finetune", str(toy_data), "--out", str(run), *TOY), 1,
+                         f"no space left on device: {run}/")  # fmt: skip
         assert not (run / "model.pt").exists() and temporaries(run) == []
 
 
@@ -324,7 +397,7 @@ def test_export_on_a_full_disk(toy_run, tmp_path):
     size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) // 1024 + 300
     with mounted_tmpfs(tmp_path / "full", size, fill_from=run) as full:
         manifest = (full / "manifest.json").read_bytes()
-        assert_one_error(cli("export", str(full), "--no-int8"), 1, "no space left on device")
+        assert_one_error(cli("export", str(full), "--no-int8"), 1, f"no space left on device: {full}/")
         assert (full / "manifest.json").read_bytes() == manifest
         assert not (full / "model.onnx").exists() and temporaries(full) == []
     assert os.path.isdir(tmp_path / "full")

@@ -90,6 +90,50 @@ def test_report_command(packaged, tmp_path):
     assert "Traceback" not in missing.output
 
 
+DAMAGE = {
+    "metrics-corrupt": ("metrics.json", lambda p: p.write_text("{not json"), "metrics.json cannot be read",
+                        "<code>metrics.json</code> is missing or damaged"),
+    "metrics-list": ("metrics.json", lambda p: p.write_text("[]"), "metrics.json is damaged: it holds a list",
+                     "<code>metrics.json</code> is missing or damaged"),
+    "metrics-missing": ("metrics.json", lambda p: p.unlink(), "metrics.json is missing",
+                        "<code>metrics.json</code> is missing or damaged"),
+    "parity-corrupt": ("parity.json", lambda p: p.write_bytes(b"\xff\x00"), "parity.json cannot be read",
+                       "<code>parity.json</code> is missing or damaged"),
+    "model-deleted": ("model.pt", lambda p: p.unlink(), "model.pt is missing (the manifest lists it",
+                      "MISSING</span>"),
+    "model-changed": ("model_int8.tflite", lambda p: p.write_bytes(p.read_bytes()[:100]),
+                      "model_int8.tflite differs from the manifest", "DIFFERS</span>"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_run_says_what_is_damaged_on_the_page_and_on_stderr(packaged, tmp_path, case):
+    name, damage, problem, in_section = DAMAGE[case]
+    run = copy_run(packaged, tmp_path / "run")
+    damage(run / name)
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"edgetl: WARNING: report: {problem}" in result.stderr, result.stderr
+    page = (run / "report.html").read_text()
+    assert page.index("This run is damaged or incomplete") < page.index('<div class="cards">')
+    assert problem in page.replace("&#x27;", "'") and in_section in page
+    assert "No fine-tuning in this run yet" not in page and "Not checked yet" not in page
+
+
+def test_a_bundle_option_that_is_not_a_bundle_is_an_error(packaged, tmp_path):
+    (tmp_path / "not-a-bundle").mkdir()
+    for folder in (tmp_path / "not-a-bundle", tmp_path / "nowhere"):
+        result = CliRunner().invoke(main, ["report", str(packaged), "--bundle", str(folder)])
+        assert result.exit_code == 1 and f"--bundle {folder} is not an edgetl bundle" in result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_an_intact_run_has_no_problems_box(packaged):
+    result = CliRunner().invoke(main, ["report", str(packaged)])
+    assert result.exit_code == 0 and "WARNING" not in result.stderr, result.stderr
+    assert "damaged or incomplete" not in (packaged / "report.html").read_text()
+
+
 def test_a_moved_dataset_leaves_names_instead_of_broken_images(toy_run, tmp_path):
     run_dir = copy_run(toy_run[1], tmp_path / "run")
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -131,6 +131,53 @@ def test_unreadable_images_are_skipped_and_counted(bundle_dir, tmp_path, capsys)
     assert code == 1 and "no frame could be classified" in err
 
 
+def _png_bomb(path, side: int = 20_000) -> None:
+    """A real 8-bit grey PNG of side x side pixels (400 Mpx: 400 MB decoded) in about 390 KB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (side + 1)
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_an_image_above_the_training_pixel_limit_is_refused_before_decoding(bundle_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from edgetl.runtime.imageheader import MAX_PIXELS
+    from edgetl.runtime.preprocess import load_image
+
+    _png_bomb(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 500_000
+    with pytest.raises(ValueError, match=r"declares 20000x20000 pixels \(400 Mpx\), more than the 179 Mpx"):
+        load_image(str(tmp_path / "bomb.png"))
+    with pytest.raises(Image.DecompressionBombError):  # what training does with it
+        Image.open(tmp_path / "bomb.png")
+    assert 20_000**2 > MAX_PIXELS > 13_000**2
+    Image.new("RGB", (80, 60), (200, 10, 10)).save(tmp_path / "good.png")
+    code, rows, err = run_app(capsys, str(bundle_dir), str(tmp_path), "--json")
+    assert code == 0 and [r["source"] for r in rows] == [str(tmp_path / "good.png")], err
+    assert "declares 20000x20000 pixels" in err
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP"])
+def test_image_headers_give_the_size_without_decoding(fmt):
+    import io
+
+    from PIL import Image
+
+    from edgetl.runtime.imageheader import header_size
+
+    out = io.BytesIO()
+    Image.new("RGB", (123, 45), (1, 2, 3)).save(out, format=fmt)
+    assert header_size(out.getvalue()) == (123, 45)
+    assert header_size(out.getvalue()[:6]) is None  # cut short: left to OpenCV's own limit
+
+
 def test_ctrl_c_ends_with_a_summary(bundle_dir, video, capsys, monkeypatch):
     real = app.Classifier.classify
     calls = {"n": 0}

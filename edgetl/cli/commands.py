@@ -128,9 +128,11 @@ def load_target(name: str) -> Any:
               help="BatchNorm statistics in phase 2 [frozen].")
 @click.option("--patience", type=int, default=None, help="Early-stopping patience, phase 2 [3].")
 @click.option("--batch-size", type=int, default=None, help="Batch size [32].")
-@click.option("--label-smoothing", type=Finite(), default=None, help="Label smoothing [0.1].")
+@click.option("--label-smoothing", type=Finite(min=0, max=1, max_open=True), default=None,
+              help="Label smoothing [0.1].")
 @click.option("--flip/--no-flip", default=None, help="Random horizontal flips [on].")
-@click.option("--val-fraction", type=Finite(), default=None, help="Held out when there is no val/ [0.2].")
+@click.option("--val-fraction", type=Finite(min=0, max=1, min_open=True, max_open=True), default=None,
+              help="Held out when there is no val/ [0.2].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA only) [off].")
@@ -163,6 +165,7 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
     if options["strategy"] is None and not resume and (options["unfreeze_from"] is not None
                                                         or options["backbone_lr_mult"] is not None):
         options["strategy"] = "partial"  # the user chose how much of the backbone trains
+    refuse_ignored_options(options)
     from_target = finetune_layer(load_target(target)) if target is not None else {}
     # Precedence, highest on the right: defaults < target file < flags.
     cfg = FinetuneConfig.build(from_target, options) if not resume else None
@@ -171,6 +174,21 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
         return
     report_after(run_dir)
     finish(as_json, result, _render().finetune_summary(result))
+
+
+# The strategies each strategy-specific option is used by (edgetl.train.strategy; auto races full).
+STRATEGY_OPTIONS = {"unfreeze_from": ("partial",), "backbone_lr_mult": ("partial",), "layer_decay": ("full", "auto"),
+                    "unfreeze_epochs": ("full", "auto"), "probe_epochs": ("auto",)}  # fmt: skip
+
+
+def refuse_ignored_options(options: dict[str, Any]) -> None:
+    """An option the chosen --strategy would ignore is a usage error, not a silent no-op."""
+    strategy = options.get("strategy")
+    for name, used_by in STRATEGY_OPTIONS.items():
+        if strategy is not None and options.get(name) is not None and strategy not in used_by:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} applies to --strategy {' or '.join(used_by)}; with --strategy "
+                                   f"{strategy} it would be ignored")  # fmt: skip
 
 
 @main.command()

@@ -12,15 +12,12 @@ from typing import Any
 
 import click
 
-from edgetl.errors import EdgetlError, ExitCode
+from edgetl.errors import SIGINT_SEEN, EdgetlError, ExitCode
 
 
 def one_line(text: str) -> str:
     """Control characters (a newline in a folder name, say) shown escaped: an error stays one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-SIGINT_SEEN = [False]  # set by the CLI's SIGINT handler: whatever exception follows a Ctrl-C is an interruption
 
 
 def _watch_sigint() -> Any:
@@ -76,8 +73,10 @@ class EdgetlGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            if SIGINT_SEEN[0]:  # a Ctrl-C that Python swallowed, then a normal exit
+                ctx.exit(self._fail("interrupted", None, int(ExitCode.INTERRUPTED)))
             raise
         except EdgetlError as exc:
             self._reraise_if_asked(ctx)
@@ -97,6 +96,9 @@ class EdgetlGroup(click.Group):
             self._reraise_if_asked(ctx)
             message = f"internal error: {type(exc).__name__}: {first_line(exc)}"
             ctx.exit(self._fail(message, "re-run with --traceback and report it", int(ExitCode.ERROR)))
+        if SIGINT_SEEN[0]:  # the command finished although Ctrl-C was pressed (Python lost the interrupt)
+            ctx.exit(self._fail("interrupted", None, int(ExitCode.INTERRUPTED)))
+        return result
 
     @staticmethod
     def _reraise_if_asked(ctx: click.Context) -> None:

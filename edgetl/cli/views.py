@@ -29,12 +29,17 @@ def report_command(run_dir: str, bundles: tuple[str, ...], as_json: bool) -> Non
 
 
 def _thread_counts(value: str) -> list[int]:
+    from edgetl.runtime.app import max_threads
+
     try:
         counts = [int(part) for part in value.split(",")]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"expected thread counts like 1,2,4, got {value!r}")
+    if max(counts) > max_threads():
+        raise click.BadParameter(f"{max(counts)} threads is more than {max_threads()} (4 per CPU of this machine, "
+                                 "at least 64)")  # fmt: skip
     return counts
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from edgetl.data.cache_meta import damaged_rows, meta_problem, row_digest, samples_problem
 from edgetl.data.decode import LoadedSplit, decoded
 from edgetl.data.folders import Sample
-from edgetl.errors import DataError, first_line, os_error_message
+from edgetl.errors import DataError, first_line, os_error_message, raise_if_interrupted
 from edgetl.runtime.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,7 @@ def _write_images(path: Path, samples: list[Sample], size: int, spec: Preprocess
 def _publish(tmp: Path, entry: Path, samples: list[Sample]) -> None:
     """Rename the finished folder into place; an entry that appeared meanwhile (a builder that took a
     lock file ``edgetl cache clear`` had just removed) is as good as ours."""
+    raise_if_interrupted()
     try:
         os.rename(tmp, entry)
     except OSError as exc:

@@ -15,12 +15,16 @@ Files are found here, not opened: :mod:`edgetl.data.decode` decodes them.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetl.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 VAL_DIR_NAMES = ("val", "validation")
@@ -42,6 +46,7 @@ class DatasetSplits:
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
     layout: str = "folders"  # "folders" (split by val_fraction) or "splits" (train/ and val/ given)
+    skipped_folders: list[str] = field(default_factory=list)  # hidden and edgetl run folders, not data
 
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -57,13 +62,42 @@ class DatasetSplits:
         return digest.hexdigest()
 
 
-def _visible_dirs(path: Path) -> list[Path]:
-    """Class folders (hidden ones skipped). A name with a control character (a newline, a tab, an
-    escape, a Unicode line separator) is refused: a class name becomes a line of labels.txt and a C
-    string in firmware headers, where it would split into two labels or change the class count."""
+def skip_reason(folder: Path) -> str | None:
+    """Why a folder of a dataset is not data (None: it is): hidden (``.git``, ``...``, ``..x``), or an
+    edgetl run or bundle folder (it has an edgetl manifest.json: its charts are not images of a class)."""
+    if folder.name.startswith("."):
+        return "hidden"
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        found = json.loads(manifest.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(found, dict) and ("edgetl_version" in found or found.get("kind") == "edgetl-bundle"):
+        return "an edgetl run or bundle folder"
+    return None
+
+
+def _skip(folder: Path, reason: str, skipped: list[tuple[str, str]] | None) -> None:
+    if skipped is not None and (str(folder), reason) not in skipped:
+        skipped.append((str(folder), reason))
+
+
+def _visible_dirs(path: Path, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Class folders: hidden and edgetl run folders are skipped (and added to ``skipped``). A name with a
+    control character (a newline, a tab, an escape, a Unicode line separator) is refused: a class name
+    becomes a line of labels.txt and a C string in firmware headers, where it would split into two
+    labels or change the class count."""
     import unicodedata
 
-    found = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        reason = skip_reason(folder)
+        if reason:
+            _skip(folder, reason, skipped)
+        else:
+            found.append(folder)
     for folder in found:
         if any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in folder.name):
             raise DataError(f"class folder name {folder.name!r} in {path} contains a control character",
@@ -71,18 +105,28 @@ def _visible_dirs(path: Path) -> list[Path]:
     return found
 
 
-def image_files(class_dir: Path) -> list[Path]:
-    """The image files below a class folder, sorted (hidden files and other suffixes skipped)."""
-    return sorted(
-        p
-        for p in class_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+def image_files(class_dir: Path, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """The image files below a class folder, sorted: hidden files, other suffixes, and hidden or edgetl
+    run folders below it (added to ``skipped``) left out."""
+    found = []
+    for folder, subfolders, files in os.walk(class_dir):
+        keep = []
+        for name in sorted(subfolders):
+            reason = skip_reason(Path(folder) / name)
+            if reason:
+                _skip(Path(folder) / name, reason, skipped)
+            else:
+                keep.append(name)
+        subfolders[:] = keep
+        found += [Path(folder) / f for f in files
+                  if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".")]  # fmt: skip
+    return sorted(p for p in found if p.is_file())
 
 
-def _scan(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], dict[str, list[Path]]]:
+def _scan(split_dir: Path, classes: list[str] | None = None,
+          skipped: list[tuple[str, str]] | None = None) -> tuple[list[str], dict[str, list[Path]]]:  # fmt: skip
     """Class folders of one split and their image files; empty classes are an error."""
-    found = {d.name: image_files(d) for d in _visible_dirs(split_dir)}
+    found = {d.name: image_files(d, skipped) for d in _visible_dirs(split_dir, skipped)}
     if classes is None:
         classes = sorted(found)
     else:
@@ -140,7 +184,8 @@ def discover(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) 
     if not root.is_dir():
         raise DataError(f"{root} is not a folder", hint="give a folder of class sub-folders")
 
-    train, val, classes, layout = _train_and_val(root, val_fraction, seed)
+    skipped: list[tuple[str, str]] = []
+    train, val, classes, layout = _train_and_val(root, val_fraction, seed, skipped)
     if len(classes) < 2:
         raise DataError(
             f"found {len(classes)} class folder(s) in {root}; need at least 2",
@@ -152,26 +197,32 @@ def discover(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) 
     test: list[Sample] = []
     test_dir = root / "test"
     if test_dir.is_dir():
-        _, test_files = _scan(test_dir, classes)
+        _, test_files = _scan(test_dir, classes, skipped)
         test = [Sample(p, i) for i, c in enumerate(classes) for p in test_files.get(c, [])]
+    for folder, reason in skipped:
+        log.warning("skipping folder %s (%s)", folder, reason)
+    return DatasetSplits(root=root, classes=classes, train=train, val=val, test=test, layout=layout,
+                         skipped_folders=[folder for folder, _ in skipped])  # fmt: skip
 
-    return DatasetSplits(root=root, classes=classes, train=train, val=val, test=test, layout=layout)
 
-
-def _train_and_val(root: Path, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample], list[str], str]:
+def _train_and_val(root: Path, val_fraction: float, seed: int,
+                   skipped: list[tuple[str, str]]) -> tuple[list[Sample], list[Sample], list[str], str]:  # fmt: skip
     """(train, val, classes, layout) of either layout (see the module docstring)."""
     train_dir = root / "train"
     if train_dir.is_dir():
-        classes, train_files = _scan(train_dir)
+        classes, train_files = _scan(train_dir, None, skipped)
         val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+        splits = {"train", "test", val_dir.name if val_dir else "val"}
+        for other in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in splits):
+            _skip(other, skip_reason(other) or "not train/, val/ or test/ in a dataset with a train/ split", skipped)
         if val_dir is None:
             return (*_stratified_split(train_files, classes, val_fraction, seed), classes, "folders")
-        _, val_files = _scan(val_dir, classes)
+        _, val_files = _scan(val_dir, classes, skipped)
         train = [Sample(p, i) for i, c in enumerate(classes) for p in train_files[c]]
         val = [Sample(p, i) for i, c in enumerate(classes) for p in val_files.get(c, [])]
         return train, val, classes, "splits"
-    class_dirs = [d.name for d in _visible_dirs(root) if d.name != "test"]
-    files = {name: image_files(root / name) for name in class_dirs}
+    class_dirs = [d.name for d in _visible_dirs(root, skipped) if d.name != "test"]
+    files = {name: image_files(root / name, skipped) for name in class_dirs}
     classes = sorted(files)
     empty = [name for name in classes if not files[name]]
     if empty:

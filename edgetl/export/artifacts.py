@@ -32,7 +32,7 @@ import numpy as np
 from edgetl.config import ExportConfig
 from edgetl.data.folders import DatasetSplits
 from edgetl.data.heldout import Evaluation
-from edgetl.errors import ExportError, RunDirError
+from edgetl.errors import ExportError, RunDirError, raise_if_interrupted, writing_into
 from edgetl.export.convert import ConverterJob, run_converter
 from edgetl.rundir import ARTIFACTS, MODEL, QAT_WEIGHTS, read_manifest, run_lock, update_manifest, write_json
 from edgetl.runtime.modelfile import ModelFileError
@@ -128,7 +128,8 @@ def export(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), data:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         try:
-            produced, timings, converted = _convert(prepared, cfg, workdir)
+            with writing_into(workdir):
+                produced, timings, converted = _convert(prepared, cfg, workdir)
             _install(prepared.run_dir, workdir, produced)
         except BaseException:  # failed or interrupted: nothing of it stays
             shutil.rmtree(workdir, ignore_errors=True)
@@ -276,7 +277,15 @@ def _float_check(prepared: Prepared, cfg: ExportConfig, path: Path) -> float:
 
 
 def _install(run_dir: Path, workdir: Path, produced: dict[str, Any]) -> None:
-    """Everything passed its own checks: move it into the run, drop stale exports of earlier runs."""
+    """Everything passed its own checks: move it into the run, drop stale exports of earlier runs. The
+    manifest forgets every earlier export and verdict first, so a run interrupted half way trusts none
+    of the files it holds until :func:`_record` lists them."""
+    raise_if_interrupted()
+    manifest = read_manifest(run_dir)
+    manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in ARTIFACTS}
+    for stage in ("export", "check"):
+        manifest["stages"].pop(stage, None)
+    write_json(run_dir / "manifest.json", manifest)
     for name in ARTIFACTS:
         if name not in produced:
             (run_dir / name).unlink(missing_ok=True)
@@ -286,15 +295,9 @@ def _install(run_dir: Path, workdir: Path, produced: dict[str, Any]) -> None:
 
 def _record(prepared: Prepared, cfg: ExportConfig, produced: dict[str, Any], timings: dict[str, float],
             converted: dict[str, Any]) -> ExportResult:  # fmt: skip
-    """Describe the artifacts and write the manifest's export record (earlier verdicts dropped)."""
+    """Describe the artifacts and write the manifest's export record."""
     run_dir, calibration = prepared.run_dir, prepared.calibration
     artifacts = {name: describe(run_dir, name, extra) for name, extra in produced.items()}
-    manifest = read_manifest(run_dir)
-    for name in list(manifest["files"]):
-        if name in ARTIFACTS and name not in produced:
-            del manifest["files"][name]
-    manifest["stages"].pop("check", None)  # verdicts of earlier exports do not apply to these files
-    write_json(run_dir / "manifest.json", manifest)
     info = {
         "artifacts": artifacts,
         "calibration": calibration.description if calibration else None,

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edgetl.errors import ExportError
-from edgetl.subproc import die_with_parent
+from edgetl.errors import ExportError, raise_if_interrupted
+from edgetl.subproc import run_child
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,10 @@ def run_converter(job: ConverterJob, log_path: Path) -> dict[str, Any]:
     job_path.write_text(job.to_json())
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     with open(log_path, "a") as log_file:
-        proc = subprocess.run(
-            [sys.executable, "-m", "edgetl.export.tflite_process", str(job_path)],
-            stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, preexec_fn=die_with_parent(),
-        )  # fmt: skip
+        proc = run_child([sys.executable, "-m", "edgetl.export.tflite_process", str(job_path)],
+                         stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)  # fmt: skip
         log_file.write(proc.stdout)
+    raise_if_interrupted()  # Ctrl-C reached the child too, or Python lost it while forking
     if proc.returncode != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise ExportError(

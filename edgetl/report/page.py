@@ -3,6 +3,7 @@ sections in pipeline order. One file, inline CSS, data-URI images; it reads the 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from edgetl.report.training import classes, mistakes, training
 from edgetl.report.verdicts import bundles, parity, provenance, remedies, size_and_speed
 from edgetl.report.view import RunView, badge, esc, load_view, pct
 from edgetl.rundir import atomic_write
+
+log = logging.getLogger(__name__)
 
 REPORT = "report.html"
 
@@ -21,9 +24,11 @@ color:var(--fg);background:var(--bg)}main{max-width:1100px;margin:0 auto;padding
 h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;border-bottom:1px solid var(--line);padding-bottom:4px;
 margin-top:1.8em}h3{font-size:1em;margin:1.2em 0 .4em}code{font-size:.9em;word-break:break-all}
 nav{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:.9em;margin:8px 0 0}nav a{color:var(--muted)}
-.muted{color:var(--muted)}.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:10px;
-margin:14px 0}.card{background:var(--panel);border-radius:8px;padding:10px 12px}.card b{display:block;
-font-size:1.35em}.card>span{color:var(--muted);font-size:.85em}
+.muted{color:var(--muted)}
+.problems{border:2px solid var(--fail);border-radius:8px;padding:8px 12px;margin:12px 0}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:10px;margin:14px 0}
+.card{background:var(--panel);border-radius:8px;padding:10px 12px}.card b{display:block;font-size:1.35em}
+.card>span{color:var(--muted);font-size:.85em}
 .badge{display:inline-block;border-radius:4px;padding:0 6px;font-weight:600;font-size:.85em;color:#fff}
 .card b .badge{font-size:.75em;padding:2px 8px}.badge.pass{background:var(--pass)}
 .badge.fail{background:var(--fail)}.badge.none{background:#8a949e}
@@ -49,13 +54,15 @@ def write_report(run_dir: str | os.PathLike, bundle_dirs: tuple[str | os.PathLik
     those under ``RUN/bundles``); returns its path."""
     run_dir = Path(run_dir)
     view = load_view(run_dir, bundle_dirs)
+    for problem in view.problems:
+        log.warning("report: %s", problem)
     sections = (training, classes, mistakes, parity, remedies, where_it_runs, size_and_speed, bundles, provenance)
     body = "".join(part(view) for part in sections)
     name = esc(run_dir.resolve().name)
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>edgetl · {name}</title><style>{STYLE}</style></head><body><main>"
-            f"<h1>edgetl run <code>{name}</code></h1>{_summary(view)}{_nav(body)}{body}"
+            f"<h1>edgetl run <code>{name}</code></h1>{_problems(view)}{_summary(view)}{_nav(body)}{body}"
             f'<p class="muted">Written by edgetl {esc(view.manifest.get("edgetl_version", ""))} from '
             f"<code>{esc(run_dir.resolve())}</code>. Re-write it with <code>edgetl report RUN</code>.</p>"
             "</main></body></html>\n")  # fmt: skip
@@ -93,6 +100,15 @@ def _summary(view: RunView) -> str:
         cards.append((str(len(view.bundles)), f"bundles: {names}"))
     tiles = "".join(f'<div class="card"><b>{value}</b><span>{esc(what)}</span></div>' for value, what in cards)
     return f'<div class="cards">{tiles}</div>'
+
+
+def _problems(view: RunView) -> str:
+    """What is missing or damaged, before anything else: the page must not read as a healthy run."""
+    if not view.problems:
+        return ""
+    items = "".join(f"<li>{esc(p)}</li>" for p in view.problems)
+    return (f'<div class="problems"><b>This run is damaged or incomplete ({len(view.problems)} '
+            f"problem{'s' if len(view.problems) > 1 else ''}):</b><ul>{items}</ul></div>")
 
 
 def _nav(body: str) -> str:

@@ -10,8 +10,11 @@ from edgetl.report.view import RunView, esc, pct, section, table
 
 def training(view: RunView) -> str:
     stage = view.stages.get("finetune")
-    if not stage or not view.metrics:
+    if not stage:
         return section("training", "Training", '<p class="muted">No fine-tuning in this run yet.</p>')
+    if not view.metrics:
+        return section("training", "Training", '<p class="muted">The run was fine-tuned, but its record '
+                       "<code>metrics.json</code> is missing or damaged (see the problems above).</p>")
     metrics, config = view.metrics, stage.get("config", {})
     stopped = " — stopped early" if metrics.get("stopped_early") else ""
     phases = f"{pct(metrics.get('phase1_best_val_acc'))} / {pct(metrics.get('phase2_best_val_acc'))}"

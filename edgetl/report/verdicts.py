@@ -13,6 +13,9 @@ SHOWN_DISAGREEMENTS = 24
 
 def parity(view: RunView) -> str:
     report = view.parity
+    if not report and "check" in view.stages:
+        return section("parity", "Parity", '<p class="muted">The run was checked, but <code>parity.json</code> is '
+                       "missing or damaged (see the problems above): <code>edgetl check RUN</code> measures again.</p>")
     if not report:
         hint = "edgetl export RUN" if "export" not in view.stages else "edgetl check RUN"
         return section("parity", "Parity", f'<p class="muted">Not checked yet: <code>{hint}</code>.</p>')
@@ -158,6 +161,10 @@ def _weights(source: object) -> str:
     return str(source or "–")
 
 
+def _state(state: str | None) -> str:
+    return '<span class="badge fail">' + esc(state.upper()) + "</span>" if state else "ok"
+
+
 def provenance(view: RunView) -> str:
     finetune, export = view.stages.get("finetune", {}), view.stages.get("export", {})
     data = finetune.get("data", {})
@@ -175,9 +182,10 @@ def provenance(view: RunView) -> str:
         ["versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "–"],
     ]
     files = [[f"<code>{esc(name)}</code>", esc(f.get("stage", "")), mib(f.get("size")),
-              f"<code>{esc(f.get('sha256', ''))}</code>"]
+              f"<code>{esc(f.get('sha256', ''))}</code>", _state(view.file_states.get(name))]
              for name, f in sorted(view.manifest.get("files", {}).items())]  # fmt: skip
     body = table(["", ""], [[esc(k), esc(v)] for k, v in facts], "facts")
-    body += f"<details><summary>{len(files)} files of the run, with their sha256</summary>"
-    body += table(["file", "stage", "size", "sha256"], files, "files") + "</details>"
+    damaged = f", {len(view.file_states)} missing or changed" if view.file_states else ""
+    body += f"<details><summary>{len(files)} files of the run, with their sha256{damaged}</summary>"
+    body += table(["file", "stage", "size", "sha256", "on disk"], files, "files") + "</details>"
     return section("provenance", "Provenance", body)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetl.rundir import bundle_manifest, read_manifest, run_bundles
+from edgetl.errors import RunDirError, first_line
+from edgetl.rundir import bundle_manifest, read_manifest, run_bundles, sha256_file
 
 
 @dataclass
@@ -21,6 +22,8 @@ class RunView:
     parity: dict[str, Any] | None = None
     benchmark: dict[str, Any] | None = None
     bundles: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what is missing or damaged, shown first
+    file_states: dict[str, str] = field(default_factory=dict)  # manifest file -> "missing" / "differs"
 
     @property
     def stages(self) -> dict[str, Any]:
@@ -38,10 +41,27 @@ class RunView:
 
 
 def load_view(run_dir: Path, extra_bundles: tuple[str | os.PathLike, ...] = ()) -> RunView:
+    """What the run holds, and what of it is missing or damaged (``problems``: files the manifest lists
+    that are gone or changed, a stage's JSON record that is missing or unreadable).
+
+    Raises:
+        RunDirError: a bundle in ``extra_bundles`` is not an edgetl bundle.
+    """
     view = RunView(run_dir, read_manifest(run_dir))
-    view.metrics = _json(run_dir / "metrics.json")
-    view.parity = _json(run_dir / "parity.json")
-    view.benchmark = _json(run_dir / "benchmark.json")
+    for rel, entry in sorted(view.manifest.get("files", {}).items()):
+        path = run_dir / rel
+        if not path.is_file():
+            view.file_states[rel] = "missing"
+            view.problems.append(f"{rel} is missing (the manifest lists it, stage {entry.get('stage', '?')})")
+        elif sha256_file(path) != entry.get("sha256"):
+            view.file_states[rel] = "differs"
+            view.problems.append(f"{rel} differs from the manifest's sha256 (changed or damaged since it was written)")
+    for name, stage, attr in (("metrics.json", "finetune", "metrics"), ("parity.json", "check", "parity"),
+                              ("benchmark.json", "benchmark", "benchmark")):  # fmt: skip
+        setattr(view, attr, _record(run_dir / name, stage in view.stages, view))
+    for extra in extra_bundles:
+        if bundle_manifest(extra) is None:
+            raise RunDirError(f"--bundle {extra} is not an edgetl bundle (no readable manifest.json of one)")
     found = run_bundles(run_dir) + [(Path(b), bundle_manifest(b)) for b in extra_bundles]
     seen = set()
     for folder, bundle in found:
@@ -53,11 +73,21 @@ def load_view(run_dir: Path, extra_bundles: tuple[str | os.PathLike, ...] = ()) 
     return view
 
 
-def _json(path: Path) -> dict[str, Any] | None:
+def _record(path: Path, expected: bool, view: RunView) -> dict[str, Any] | None:
+    """A stage's JSON record; None (and a problem when the stage ran) if it is missing or unreadable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        if expected and path.name not in view.file_states:
+            view.problems.append(f"{path.name} is missing")
         return None
+    except (OSError, ValueError, RecursionError) as exc:
+        view.problems.append(f"{path.name} cannot be read: {first_line(exc)}")
+        return None
+    if not isinstance(found, dict):
+        view.problems.append(f"{path.name} is damaged: it holds a {type(found).__name__}, not a JSON object")
+        return None
+    return found
 
 
 # ----------------------------------------------------------------------------- HTML pieces

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Median and p90 of invoke and of the whole frame (preprocess + invoke + postprocess)."""
-    threads = [_positive_int(t, "--threads") for t in args.threads.split(",")] if args.threads else [1, 2, 4]
+    threads = [thread_count(t, "--threads") for t in args.threads.split(",")] if args.threads else [1, 2, 4]
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)  # a VGA camera frame
     rows = []
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None, prog: str = "edgetl-runtime") -> int:
         if command == "scores":
             return main_scores(args)
         if args.threads is not None:
-            args.threads = _positive_int(args.threads, "--threads")
+            args.threads = thread_count(args.threads, "--threads")
         return run(args)
     except UsageError as exc:
         return _fail(prog, str(exc), EXIT_USAGE, wants_json)
@@ -364,6 +365,20 @@ def _count(value: str) -> int:
         return _positive_int(value, "the value")
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def max_threads() -> int:
+    """The most threads a --threads option takes: 4 per CPU of this machine, at least 64 (beyond, OpenMP
+    and XNNPACK fail in their own way: libgomp's "Out of memory" and an abort)."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def thread_count(value: str, option: str) -> int:
+    """A --threads value: a whole number from 1 to :func:`max_threads`."""
+    number = _positive_int(value, option)
+    if number > max_threads():
+        raise UsageError(f"{option} {number} is more than {max_threads()} (4 per CPU of this machine, at least 64)")
+    return number
 
 
 def _positive_int(value: str, option: str) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .imageheader import MAX_PIXELS, refuse_too_large
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("area", "linear", "cubic", "nearest")
@@ -66,6 +68,11 @@ class PreprocessSpec:
 
 
 def _cv2():
+    import os
+
+    # OpenCV's own pixel limit, read once when it first decodes: the same as training's, for the formats
+    # edgetl.runtime.imageheader does not read (a user's own setting wins).
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
     import cv2  # imported lazily so that reading a spec does not need OpenCV
 
     return cv2
@@ -130,6 +137,7 @@ def load_image(path: str) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode handles non-ASCII paths
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    refuse_too_large(data[: 1 << 20].tobytes(), path)  # before decoding: a small file can declare 400 Mpx
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ValueError(f"cannot decode {path} as an image")

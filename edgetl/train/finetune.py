@@ -59,6 +59,8 @@ from edgetl.train.strategy import first_trainable, race
 
 log = logging.getLogger(__name__)
 
+DIVERGED = 20  # a loss above this many times max(ln(classes), 1) (or non-finite) stops the run
+
 __all__ = ["FinetuneResult", "finetune", "resolve_device", "seed_everything"]
 
 
@@ -335,13 +337,18 @@ class Trainer:
         state.stopped_early = self.ctx.broadcast_flag(state.stopped_early)  # every rank stops together
 
     def _refuse_divergence(self, epoch: int, train_loss: float, val_loss: float) -> None:
-        """Stop a run whose loss went non-finite, before its state overwrites the last good checkpoint."""
-        if math.isfinite(train_loss) and math.isfinite(val_loss):
+        """Stop a run whose loss went non-finite or far above where training starts (the loss of a model
+        that guesses, ln(classes): a fresh head starts there), before its state overwrites the last good
+        checkpoint. ``DIVERGED`` times that is a mean loss no learning run reaches, even overfitting."""
+        start = math.log(len(self.classes))
+        limit = DIVERGED * max(start, 1.0)
+        if all(math.isfinite(loss) and loss <= limit for loss in (train_loss, val_loss)):
             return
         kept = (f"the last good state (epoch {self.saved_epochs}) is kept in {self.run_dir / STATE_PATH}"
                 if self.saved_epochs else "no epoch had finished, nothing was saved")  # fmt: skip
         raise TrainingDiverged(
-            f"training diverged in epoch {epoch + 1} (train loss {train_loss:.4g}, val loss {val_loss:.4g}); {kept}",
+            f"training diverged in epoch {epoch + 1} (train loss {train_loss:.4g}, val loss {val_loss:.4g}; a "
+            f"model that guesses scores {start:.3g}, the limit is {limit:.3g}); {kept}",
             hint="start a new run with a lower --lr / --finetune-lr",
         )
 

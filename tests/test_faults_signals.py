@@ -1,0 +1,106 @@
+"""Ctrl-C at many moments of a toy export (issue 28, item 3): every one exits 130 with one
+``edgetl: error: interrupted`` line, no traceback and no "Exception ignored", and leaves nothing a later
+step trusts: no temporaries, every file the manifest lists matches its hash, no model listed without the
+export record that describes it, no verdict about other bytes.
+
+A moment is a line of the export's log plus a delay (the log marks its phases: loading, the converter
+child being forked, parity, the report) or a time from the start. Half the signals go to the process
+alone (``kill -INT PID``), half to its whole process group, as a terminal's Ctrl-C does (the converter
+child gets it too). Two exports run at a time to keep the suite's time down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, copy_run
+from faults import ERROR_LINE, temporaries
+
+from edgetl.rundir import ARTIFACTS, read_manifest, verify_files
+
+pytestmark = pytest.mark.slow
+
+CONVERTING = "converting to TFLite"
+# (log line or None for "from the start", delay in seconds, signal the whole process group)
+MOMENTS = [
+    (None, 0.6, False),  # loading the model and the data
+    (None, 1.8, True),  # exporting ONNX, checking it
+    (CONVERTING, 0.0, False),  # the converter child being forked (the issue's case)
+    (CONVERTING, 0.01, True),
+    (CONVERTING, 0.03, False),
+    (CONVERTING, 1.5, True),  # the child converting
+    ("checking model.onnx", 0.05, False),  # parity, then the manifest
+    ("report:", 0.0, True),  # the report, the summary
+]
+
+
+class Interrupted(threading.Thread):
+    """``edgetl export RUN --no-int8`` in its own session; SIGINT at ``moment``; stderr collected."""
+
+    def __init__(self, run: Path, moment: tuple[str | None, float, bool]):
+        super().__init__(daemon=True)
+        self.run_dir, self.moment, self.lines, self.signalled = run, moment, [], False
+        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgetl", "export", str(run), "--no-int8"], cwd=REPO,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)  # fmt: skip
+        self.stdout = ""
+        self.start()
+
+    def run(self) -> None:
+        anchor, delay, group = self.moment
+        if anchor is None:
+            threading.Timer(delay, self.interrupt, [group]).start()
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if anchor is not None and anchor in line and not self.signalled:
+                time.sleep(delay)
+                self.interrupt(group)
+
+    def interrupt(self, group: bool) -> None:
+        self.signalled = True
+        if self.proc.poll() is None:
+            (os.killpg if group else os.kill)(self.proc.pid, signal.SIGINT)
+
+    def finish(self) -> tuple[int, str]:
+        self.stdout = self.proc.stdout.read()
+        code = self.proc.wait(timeout=180)
+        self.join(timeout=30)
+        return code, "".join(self.lines)
+
+
+def assert_nothing_half_trusted(run: Path) -> None:
+    manifest = read_manifest(run)
+    assert temporaries(run) == [], temporaries(run)
+    assert verify_files(run, manifest) == []  # every listed file is the file it claims
+    listed = [name for name in manifest["files"] if name in ARTIFACTS]
+    exported = (manifest["stages"].get("export") or {}).get("artifacts") or {}
+    assert all(name in exported for name in listed), (listed, exported)
+    for item in (manifest["stages"].get("check") or {}).get("history") or []:
+        for name, verdict in item["artifacts"].items():
+            assert manifest["files"][name]["sha256"] == verdict["sha256"]
+
+
+def test_ctrl_c_at_many_moments_of_an_export(toy_run, tmp_path):
+    """E3c"""
+    outcomes = []
+    for first in range(0, len(MOMENTS), 2):
+        started = []
+        for index in range(first, min(first + 2, len(MOMENTS))):
+            run = copy_run(toy_run[1], tmp_path / f"run{index}")
+            started.append((index, run, Interrupted(run, MOMENTS[index])))
+        outcomes += [(index, run, *export.finish()) for index, run, export in started]
+    for index, run, code, stderr in outcomes:
+        where = f"moment {MOMENTS[index]}: exit {code}\n{stderr[-2500:]}"
+        assert code == 130, where
+        errors = [line for line in stderr.splitlines() if ERROR_LINE.match(line)]
+        assert errors == ["edgetl: error: interrupted"], where
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, where
+        assert_nothing_half_trusted(run)
