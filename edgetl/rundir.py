@@ -169,9 +169,10 @@ def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def update_manifest(
-    run_dir: str | os.PathLike, stage: str, files: list[str], info: dict[str, Any]
+    run_dir: str | os.PathLike, stage: str, files: list[str], info: dict[str, Any], top: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Record a stage's files (paths relative to ``run_dir``) and summary in the manifest.
+    """Record a stage's files (paths relative to ``run_dir``) and summary in the manifest (and the
+    top-level keys in ``top``, records that outlive any one stage, like ``parity_history``).
 
     Hashes are computed from the files as they are on disk now, so call this after they are written.
     """
@@ -183,6 +184,7 @@ def update_manifest(
         entry["stage"] = stage
         manifest["files"][rel] = entry
     manifest["stages"][stage] = info
+    manifest.update(top or {})
     write_json(run_dir / MANIFEST_NAME, manifest)
     return manifest
 

@@ -190,7 +190,7 @@ def test_a_waiver_cannot_overrule_a_failed_verdict_on_more_images(shipped, tmp_p
     run = copy_run(shipped[0], tmp_path / "run")
     _failing_check(run, monkeypatch)
     assert _passing_check(run, "--data", str(_tiny(run, tmp_path))) == 2
-    history = read_manifest(run)["stages"]["check"]["history"]
+    history = read_manifest(run)["parity_history"]
     assert [(h["data"]["count"], h["artifacts"]["model_int8.tflite"]["passed"]) for h in history][-2:] == [
         (32, False), (2, True)]  # fmt: skip
     outcome = cli("package", str(run), "--target", shipped[2], "--out", str(tmp_path / "out"), "--accept-weak-parity")
@@ -235,20 +235,24 @@ def test_an_equal_failed_check_is_not_outvoted(shipped, tmp_path, monkeypatch, w
     assert_one_error(outcome, 3, "on 32 images of the val split", "cannot overrule it")
 
 
-def test_re_exported_models_start_a_new_history(shipped, tmp_path):
-    """A verdict is about the bytes it measured: one on a model exported again no longer counts."""
+def test_the_history_follows_the_bytes_not_the_stages(shipped):
+    """A verdict is about the bytes it measured: a re-export that gives the same bytes (the stages dropped,
+    the files the same) keeps them; one that gives other bytes starts a new history for that file."""
     from edgetl.check.metrics import ParityReport
     from edgetl.check.parity import verdict_history
     from edgetl.config import Thresholds
 
     manifest = read_manifest(shipped[0])
-    old = manifest["stages"]["check"]["history"]
-    assert old and all(h["artifacts"]["model_int8.tflite"]["sha256"] == manifest["files"]["model_int8.tflite"]["sha256"]
-                       for h in old)  # fmt: skip
-    manifest["files"]["model_int8.tflite"]["sha256"] = "0" * 64  # exported again
+    old = manifest["parity_history"]
+    int8 = manifest["files"]["model_int8.tflite"]["sha256"]
+    assert old and all(h["artifacts"]["model_int8.tflite"]["sha256"] == int8 for h in old)
     metrics = {"passed": True, "top1": 1.0, "delta_top1_pp": 0.0, "agreement": 1.0}
     report = ParityReport(passed=True, thresholds=Thresholds(), data={"source": "val split", "count": 32},
                           float_metrics={}, artifacts={"model_int8.tflite": metrics})  # fmt: skip
+    for stage in ("export", "check"):
+        manifest["stages"].pop(stage)  # what a re-export does before it moves its files in
+    assert verdict_history(manifest, report)[:-1] == old  # the same bytes: every verdict stands
+    manifest["files"]["model_int8.tflite"]["sha256"] = "0" * 64  # exported again, other bytes
     history = verdict_history(manifest, report)
     assert len(history) == 1 + sum(bool(set(h["artifacts"]) - {"model_int8.tflite"}) for h in old)
     assert history[-1]["artifacts"]["model_int8.tflite"]["sha256"] == "0" * 64
@@ -458,3 +462,6 @@ def test_ctrl_c_that_an_extension_turns_into_another_error_is_still_exit_130():
     result = CliRunner().invoke(group, ["load"])
     assert result.exit_code == 130 and "interrupted" in result.stderr and "internal error" not in result.stderr
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    from edgetl.errors import raise_if_interrupted
+
+    raise_if_interrupted()  # and forgotten: the next command (or library call) in this process goes on

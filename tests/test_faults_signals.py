@@ -1,7 +1,7 @@
 """Ctrl-C at many moments of a toy export (issue 28, item 3): every one exits 130 with one
 ``edgetl: error: interrupted`` line, no traceback and no "Exception ignored", and leaves nothing a later
 step trusts: no temporaries, every file the manifest lists matches its hash, no model listed without the
-export record that describes it, no verdict about other bytes.
+export record that describes it, no current verdict about a model it does not list.
 
 A moment is a line of the export's log plus a delay (the log marks its phases: loading, the converter
 child being forked, parity, the report) or a time from the start. Half the signals go to the process
@@ -83,9 +83,8 @@ def assert_nothing_half_trusted(run: Path) -> None:
     listed = [name for name in manifest["files"] if name in ARTIFACTS]
     exported = (manifest["stages"].get("export") or {}).get("artifacts") or {}
     assert all(name in exported for name in listed), (listed, exported)
-    for item in (manifest["stages"].get("check") or {}).get("history") or []:
-        for name, verdict in item["artifacts"].items():
-            assert manifest["files"][name]["sha256"] == verdict["sha256"]
+    checked = (manifest["stages"].get("check") or {}).get("artifacts") or {}
+    assert all(name in listed for name in checked), (checked, listed)  # no verdict about files it no longer lists
 
 
 def test_ctrl_c_at_many_moments_of_an_export(toy_run, tmp_path):

@@ -144,7 +144,7 @@ def write_report(run_dir: Path, report: ParityReport, classes: list[str]) -> Non
     history = verdict_history(read_manifest(run_dir), report)
     update_manifest(run_dir, "check", ["parity.json", "parity.md", "parity.png"],
                     {"passed": report.passed, "thresholds": report.thresholds.to_dict(), "data": report.data,
-                     "artifacts": verdicts, "history": history})  # fmt: skip
+                     "artifacts": verdicts}, top={"parity_history": history})  # fmt: skip
 
 
 HISTORY_LIMIT = 100
@@ -153,9 +153,10 @@ HISTORY_LIMIT = 100
 def verdict_history(manifest: dict[str, Any], report: ParityReport) -> list[dict[str, Any]]:
     """Every verdict the run's current artifacts have had (oldest first, ``report`` last): per artifact
     the file's sha256 it was measured on and its metrics, with the evidence (source, count, digest,
-    thresholds). A later, weaker check adds to it; it never erases a failure (:mod:`edgetl.package.gates`
-    refuses to let a waiver overrule one). Verdicts about files exported again, or against another float
-    model, are dropped."""
+    thresholds). Kept in the manifest's top-level ``parity_history``, which outlives a re-export (an
+    export of the same model gives the same bytes, and their failures stand). A later, weaker check adds
+    to it; it never erases a failure (:mod:`edgetl.package.gates` refuses to let a waiver overrule one).
+    Verdicts about no file of the run any more, or against another float model, are dropped."""
     files = manifest["files"]
     entry = {
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -166,7 +167,7 @@ def verdict_history(manifest: dict[str, Any], report: ParityReport) -> list[dict
                              "delta_top1_pp": m["delta_top1_pp"], "agreement": m["agreement"]}
                       for name, m in report.artifacts.items() if name in files},
     }  # fmt: skip
-    previous = (manifest["stages"].get("check") or {}).get("history")
+    previous = manifest.get("parity_history")
 
     def current(item: Any) -> bool:
         measured = item.get("artifacts") if isinstance(item, dict) else None

@@ -69,6 +69,7 @@ class EdgetlGroup(click.Group):
                 import signal
 
                 signal.signal(signal.SIGINT, previous)
+                SIGINT_SEEN[0] = False  # the flag is about this command (a library caller goes on)
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:

@@ -46,7 +46,7 @@ def failed_before(manifest: dict[str, Any], artifact: str, target: Target, count
     sha256 = (manifest["files"].get(artifact) or {}).get("sha256")
     thresholds = Thresholds(max_drop=target.parity.max_drop, min_agreement=target.parity.min_agreement)
     found = []
-    history = manifest["stages"]["check"].get("history")
+    history = manifest.get("parity_history")
     for item in history if isinstance(history, list) else []:
         measured = (item.get("artifacts") or {}).get(artifact) if isinstance(item, dict) else None
         if not _is_verdict(measured) or measured["sha256"] != sha256 or thresholds.passes(measured):
