@@ -193,6 +193,9 @@ def test_a_waiver_cannot_overrule_a_failed_verdict_on_more_images(shipped, tmp_p
     history = read_manifest(run)["parity_history"]
     assert [(h["data"]["count"], h["artifacts"]["model_int8.tflite"]["passed"]) for h in history][-2:] == [
         (32, False), (2, True)]  # fmt: skip
+    page = (run / "report.html").read_text()  # the passing check re-wrote the report: the failure is on it
+    shown = page[page.index("verdicts these model files have had"):].split("</details>")[0]
+    assert shown.count("badge fail") >= 1 and shown.count("badge pass") >= 2
     outcome = cli("package", str(run), "--target", shipped[2], "--out", str(tmp_path / "out"), "--accept-weak-parity")
     assert_one_error(outcome, 3, "failed parity for rpi4-faults on 32 images of the val split", "agreement 0.00%",
                      "cannot overrule it")  # fmt: skip

@@ -33,9 +33,26 @@ def parity(view: RunView) -> str:
             f"Verdict: {badge(report.get('passed'))}</p>")  # fmt: skip
     body += table(["model", "precision", "top-1", "Δ top-1 (pp)", "agreement (95 % CI)", "logit SQNR", "verdict"], rows)
     body += chart(view.run_dir / "parity.png", "parity of each exported model")
+    body += _history(view)
     for name, a in report.get("artifacts", {}).items():
         body += _disagreements(view, name, a)
     return section("parity", "Parity with the float model", body)
+
+
+def _history(view: RunView) -> str:
+    """Every verdict these model files have had (edgetl.check.parity.verdict_history): a failure stays
+    on the record after a later, weaker check passes."""
+    history = [h for h in view.manifest.get("parity_history") or [] if isinstance(h, dict)]
+    if len(history) < 2:
+        return ""
+    rows = []
+    for item in history:
+        data, measured = item.get("data") or {}, item.get("artifacts") or {}
+        verdicts = " ".join(f"<code>{esc(n)}</code> {badge(a.get('passed'))}" for n, a in measured.items())
+        rows.append([esc(item.get("checked_at", "")), esc(f"{data.get('count')} ({data.get('source')})"), verdicts])
+    return (f"<details><summary>{len(history)} verdicts these model files have had (package refuses to ship when "
+            "one on as many or more images failed)</summary>" + table(["checked", "images", "verdicts"], rows)
+            + "</details>")  # fmt: skip
 
 
 def _disagreements(view: RunView, name: str, artifact: dict[str, Any]) -> str:
