@@ -3,10 +3,11 @@
 step trusts: no temporaries, every file the manifest lists matches its hash, no model listed without the
 export record that describes it, no current verdict about a model it does not list.
 
-A moment is a line of the export's log plus a delay (the log marks its phases: loading, the converter
-child being forked, parity, the report) or a time from the start. Half the signals go to the process
-alone (``kill -INT PID``), half to its whole process group, as a terminal's Ctrl-C does (the converter
-child gets it too). Two exports run at a time to keep the suite's time down.
+A moment is a line of the export's log plus a delay (the log marks its phases: the converter child being
+forked, parity, the manifest and the report), or a time after the export took the run's lock (loading, ONNX: before its
+first log line; a Ctrl-C while Python itself starts up, before edgetl's code runs, is Python's). Half the
+signals go to the process alone (``kill -INT PID``), half to its whole process group, as a terminal's
+Ctrl-C does (the converter child gets it too). Two exports run at a time to keep the suite's time down.
 """
 
 from __future__ import annotations
@@ -23,21 +24,23 @@ import pytest
 from conftest import REPO, copy_run
 from faults import ERROR_LINE, temporaries
 
-from edgetl.rundir import ARTIFACTS, read_manifest, verify_files
+from edgetl.rundir import ARTIFACTS, LOCK_NAME, read_manifest, verify_files
 
 pytestmark = pytest.mark.slow
 
 CONVERTING = "converting to TFLite"
-# (log line or None for "from the start", delay in seconds, signal the whole process group)
+LOCKED = "the run's lock taken"
+# (log line or LOCKED, delay in seconds, signal the whole process group)
 MOMENTS = [
-    (None, 0.6, False),  # loading the model and the data
-    (None, 1.8, True),  # exporting ONNX, checking it
+    (LOCKED, 0.0, False),  # loading the model and the data
+    (LOCKED, 1.2, True),  # exporting ONNX, checking it
     (CONVERTING, 0.0, False),  # the converter child being forked (the issue's case)
     (CONVERTING, 0.01, True),
     (CONVERTING, 0.03, False),
     (CONVERTING, 1.5, True),  # the child converting
     ("checking model.onnx", 0.05, False),  # parity, then the manifest
-    ("report:", 0.0, True),  # the report, the summary
+    ("checking model_float32.tflite", 0.15, True),  # the manifest, the report (a signal after the last
+    # line could land after the command ended, in Python's shutdown: not edgetl's to handle)
 ]
 
 
@@ -56,13 +59,20 @@ class Interrupted(threading.Thread):
 
     def run(self) -> None:
         anchor, delay, group = self.moment
-        if anchor is None:
-            threading.Timer(delay, self.interrupt, [group]).start()
+        if anchor == LOCKED:
+            threading.Thread(target=self.after_lock, args=(delay, group), daemon=True).start()
         for line in self.proc.stderr:
             self.lines.append(line)
             if anchor is not None and anchor in line and not self.signalled:
                 time.sleep(delay)
                 self.interrupt(group)
+
+    def after_lock(self, delay: float, group: bool) -> None:
+        lock = self.run_dir / LOCK_NAME
+        while not lock.exists() and self.proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(delay)
+        self.interrupt(group)
 
     def interrupt(self, group: bool) -> None:
         self.signalled = True
@@ -94,6 +104,7 @@ def test_ctrl_c_at_many_moments_of_an_export(toy_run, tmp_path):
         started = []
         for index in range(first, min(first + 2, len(MOMENTS))):
             run = copy_run(toy_run[1], tmp_path / f"run{index}")
+            (run / LOCK_NAME).unlink(missing_ok=True)  # its appearance marks the export's start
             started.append((index, run, Interrupted(run, MOMENTS[index])))
         outcomes += [(index, run, *export.finish()) for index, run, export in started]
     for index, run, code, stderr in outcomes:

@@ -62,7 +62,7 @@ def test_runtime_preprocessing_needs_only_numpy_and_opencv(tmp_path):
     """
     proc = run_blocked({"torch", "torchvision", "tensorflow", "onnx", "onnxruntime", "click", "PIL"}, code)
     assert proc.returncode == 0, proc.stderr
-    assert "EDGETL ['edgetl.runtime', 'edgetl.runtime.preprocess']" in proc.stdout
+    assert "EDGETL ['edgetl.runtime', 'edgetl.runtime.imageheader', 'edgetl.runtime.preprocess']" in proc.stdout
 
 
 def test_missing_torch_names_the_extra():
