@@ -400,6 +400,8 @@ def test_killing_the_export_kills_its_converter(toy_run, tmp_path):
     rerun = edgetl("export", str(run), "--no-int8")
     assert rerun.code == 0, rerun
     assert (run / "model.onnx").is_file() and temporaries(run) == []
+    foreign = [line for line in rerun.stderr.splitlines() if line.strip() and not line.startswith("edgetl: ")]
+    assert foreign == [], rerun  # torch, onnx, TensorFlow and matplotlib chatter stays off stderr
 
 
 def _cmdline(pid: int) -> str:

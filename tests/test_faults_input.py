@@ -108,7 +108,7 @@ TOY = ["--width", "0.35", "--image-size", "32", "--head-epochs", "1", "--finetun
          "--unfreeze-epochs applies to --strategy full or auto; with --strategy partial"),
         (["finetune", "{data}", "--out", "{tmp}/r", "--strategy", "feature-extraction", "--unfreeze-epochs", "2"],
          "--unfreeze-epochs applies"),
-        (["benchmark", "{tmp}", "--threads", "1,100000"], "100000 threads is more than"),
+        (["benchmark", "{tmp}", "--threads", "1,100000"], "Invalid value for '--threads': 100000 is more than"),
         (["run", "{tmp}", "--threads", "100000"], "--threads 100000 is more than"),
         (["bench", "{tmp}", "--threads", "2,100000"], "--threads 100000 is more than"),
     ],

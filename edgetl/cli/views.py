@@ -36,10 +36,10 @@ def _thread_counts(value: str) -> list[int]:
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise click.BadParameter(f"expected thread counts like 1,2,4, got {value!r}")
+        raise click.BadParameter(f"expected thread counts like 1,2,4, got {value!r}", param_hint="'--threads'")
     if max(counts) > max_threads():
-        raise click.BadParameter(f"{max(counts)} threads is more than {max_threads()} (4 per CPU of this machine, "
-                                 "at least 64)")  # fmt: skip
+        raise click.BadParameter(f"{max(counts)} is more than {max_threads()} (4 per CPU of this machine, at least 64)",
+                                 param_hint="'--threads'")  # fmt: skip
     return counts
 
 
