@@ -126,10 +126,9 @@ def package(
 
     Raises:
         RunDirError: nothing exported for this target's artifact, or run files differ from the manifest.
-        ParityRefused: the artifact failed (or never had) the parity check, unless ``force``; or its
-            verdict rests on weaker evidence than the target requires (too few images, weaker than
-            the export's own check), unless ``accept_weak_parity`` (or ``force``), which the bundle
-            manifest records as ``parity.evidence_waived``.
+        ParityRefused: see :func:`edgetl.package.gates.judge_parity`: a failed or missing verdict, or one
+            that a verdict on as many or more images contradicts, unless ``force``; one on too little
+            evidence, unless ``accept_weak_parity`` (both recorded in the bundle manifest).
         ConstraintViolated: the model breaks a target limit (size, input, static shape, batch), or the
             compiled model, Vela's SRAM use or the TFLM arena exceed the target's budgets.
         MissingDependencyError: the target's compiler is not installed (``compile_model=False``
@@ -144,7 +143,7 @@ def package(
     manifest = read_manifest(run_dir)
     compiled_later = target.compile.tool == "vela" and compile_model  # Vela's output is what must fit
     model_bytes = trusted_model(run_dir, manifest, target, compiled_later)
-    passed, parity = judge_parity(manifest, target.artifact, target, force, accept_weak_parity)
+    forced, parity = judge_parity(manifest, target.artifact, target, force, accept_weak_parity)
     contents: dict[str, bytes] = {
         target.artifact: model_bytes,
         "labels.txt": (run_dir / "labels.txt").read_bytes(),
@@ -158,8 +157,7 @@ def package(
     contents["README.txt"] = bundle_readme(name, target, target.artifact, accelerator, tflm, preprocess).encode()
     files = {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
              for rel, data in sorted(contents.items())}  # fmt: skip
-    overruled = force and (not passed or bool(parity.get("failed_verdicts")))
-    bundle_manifest = _bundle_manifest(manifest, target, name, io, files, parity, overruled, accelerator, tflm)
+    bundle_manifest = _bundle_manifest(manifest, target, name, io, files, parity, forced, accelerator, tflm)
     bundle_manifest["on_target"] = _check_staged(on_target, name, contents, bundle_manifest)
     contents["manifest.json"] = dumps_json(bundle_manifest).encode()
     out = Path(out) if out is not None else run_dir / "bundles"

@@ -120,6 +120,7 @@ def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, s
 def judge_parity(manifest: dict[str, Any], artifact: str, target: Target, force: bool,
                   accept_weak_parity: bool) -> tuple[bool, dict[str, Any]]:  # fmt: skip
     """The verdict package ships on; refuses a failed or weakly evidenced one unless told otherwise.
+    Returns (whether ``force`` overrode a failure, the verdict as the bundle records it).
 
     Raises:
         ParityRefused: failed parity (unless ``force``), or too little evidence (unless
@@ -155,7 +156,7 @@ def judge_parity(manifest: dict[str, Any], artifact: str, target: Target, force:
         )  # fmt: skip
     if problems:
         parity["evidence_waived"] = "; ".join(problems)
-    return passed, parity
+    return bool(force and (not passed or failures)), parity
 
 
 def refuse_fallback(cpu_ops: int, total: int | None, where: str, ops: str, target: Target,
