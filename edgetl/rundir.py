@@ -210,6 +210,6 @@ def verify_files(run_dir: str | os.PathLike, manifest: dict[str, Any]) -> list[s
     bad = []
     for rel, entry in sorted(manifest.get("files", {}).items()):
         path = run_dir / rel
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        if not path.is_file() or not isinstance(entry, dict) or sha256_file(path) != entry.get("sha256"):
             bad.append(rel)
     return bad

@@ -29,7 +29,7 @@ def report_command(run_dir: str, bundles: tuple[str, ...], as_json: bool) -> Non
 
 
 def _thread_counts(value: str) -> list[int]:
-    from edgetl.runtime.app import max_threads
+    from edgetl.runtime.app import too_many_threads
 
     try:
         counts = [int(part) for part in value.split(",")]
@@ -37,9 +37,9 @@ def _thread_counts(value: str) -> list[int]:
         counts = []
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"expected thread counts like 1,2,4, got {value!r}", param_hint="'--threads'")
-    if max(counts) > max_threads():
-        raise click.BadParameter(f"{max(counts)} is more than {max_threads()} (4 per CPU of this machine, at least 64)",
-                                 param_hint="'--threads'")  # fmt: skip
+    refused = too_many_threads(max(counts))
+    if refused:
+        raise click.BadParameter(refused, param_hint="'--threads'")
     return counts
 
 

@@ -129,10 +129,14 @@ Opened = tuple[np.ndarray, dict[str, Any]]
 
 def _open(entry: Path, key: str, samples: list[Sample], verify: bool = True) -> Opened | str | None:
     """The published entry's images and metadata; None if there is no entry; else why the entry there
-    cannot be used (malformed or foreign metadata, a size that does not match, an image whose hash
-    changed: see :mod:`edgetl.data.cache_meta`)."""
-    if not entry.is_dir():
-        return None
+    cannot be used (see :func:`_checked`)."""
+    return _checked(entry, key, samples, verify) if entry.is_dir() else None
+
+
+def _checked(entry: Path, key: str, samples: list[Sample] | None, verify: bool) -> Opened | str:
+    """The entry's images (a copy-on-write map) and metadata, or why it cannot be used: files missing or
+    unreadable, metadata malformed, foreign or (given the caller's ``samples``) not about them, a size
+    that does not match, and with ``verify`` an image whose hash changed (:mod:`edgetl.data.cache_meta`)."""
     try:
         meta = json.loads((entry / META).read_text())
         size = (entry / IMAGES).stat().st_size
@@ -140,16 +144,15 @@ def _open(entry: Path, key: str, samples: list[Sample], verify: bool = True) -> 
         return f"{Path(exc.filename or '').name or 'a file'} is missing"
     except (OSError, ValueError, RecursionError) as exc:
         return f"its files cannot be read: {first_line(exc)}"
-    problem = meta_problem(meta, key=key, file_size=size, fmt=FORMAT) or samples_problem(meta, samples)
+    problem = meta_problem(meta, key=key, file_size=size, fmt=FORMAT)
+    problem = problem or (samples_problem(meta, samples) if samples is not None else None)
     if problem:
         return problem
-    shape = (meta["count"], meta["side"], meta["side"], 3)
-    images = np.memmap(entry / IMAGES, np.uint8, "c", shape=shape)
-    if verify:
-        bad = damaged_rows(images, meta["rows"])
-        if bad:
-            return (f"{len(bad)} of {len(images)} stored images no longer match their hash, "
-                    f"first {samples[meta['kept'][bad[0]]].path}")  # fmt: skip
+    images = np.memmap(entry / IMAGES, np.uint8, "c", shape=(meta["count"], meta["side"], meta["side"], 3))
+    bad = damaged_rows(images, meta["rows"]) if verify else []
+    if bad:
+        first = f", first {samples[meta['kept'][bad[0]]].path}" if samples is not None else ""
+        return f"{len(bad)} of {len(images)} stored images no longer match their hash{first}"
     return images, meta
 
 
@@ -315,18 +318,10 @@ def entries(root: str | os.PathLike | None = None, *, verify: bool = False) -> l
 
 
 def _entry_state(path: Path, verify: bool) -> dict[str, Any]:
-    try:
-        meta = json.loads((path / META).read_text())
-        problem = meta_problem(meta, key=path.name, file_size=(path / IMAGES).stat().st_size, fmt=FORMAT)
-    except (OSError, ValueError, RecursionError) as exc:
-        meta, problem = None, f"its files cannot be read: {first_line(exc)}"
-    if problem is None and verify:
-        images = np.memmap(path / IMAGES, np.uint8, "r", shape=(meta["count"], meta["side"], meta["side"], 3))
-        bad = damaged_rows(images, meta["rows"])
-        if bad:
-            problem = f"{len(bad)} of {meta['count']} stored images no longer match their hash"
-    if problem is not None:
-        return {"state": "damaged", "problem": problem}
+    opened = _checked(path, path.name, None, verify)
+    if isinstance(opened, str):
+        return {"state": "damaged", "problem": opened}
+    meta = opened[1]
     return {"state": "ok", "images": meta["count"], "side": meta["side"], "mode": meta["mode"], "first": meta["first"]}
 
 

@@ -5,7 +5,7 @@ Every entry records a SHA-256 of each stored image (``rows``). An entry is check
 opened: its metadata field by field (any JSON shape, any index, any label a damaged or hand-edited file
 can hold) and every image's hash, in threads (hashlib releases the GIL), so a file overwritten in place
 (same size, zeros, a flipped byte) is noticed, not trained on. Verifying 3,000 images of 256 px costs
-about a quarter of a second on a 2-core CPU (``benchmarks/results/cache_verify.md``).
+about 0.2 s on a 2-core CPU (``benchmarks/results/cache_verify.md``).
 """
 
 from __future__ import annotations

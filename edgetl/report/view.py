@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import RunDirError, first_line
-from edgetl.rundir import bundle_manifest, read_manifest, run_bundles, sha256_file
+from edgetl.rundir import bundle_manifest, read_manifest, run_bundles, verify_files
 
 
 @dataclass
@@ -48,12 +48,13 @@ def load_view(run_dir: Path, extra_bundles: tuple[str | os.PathLike, ...] = ()) 
         RunDirError: a bundle in ``extra_bundles`` is not an edgetl bundle.
     """
     view = RunView(run_dir, read_manifest(run_dir))
-    for rel, entry in sorted(view.manifest.get("files", {}).items()):
-        path = run_dir / rel
-        if not path.is_file():
+    for rel in verify_files(run_dir, view.manifest):
+        if not (run_dir / rel).is_file():
             view.file_states[rel] = "missing"
-            view.problems.append(f"{rel} is missing (the manifest lists it, stage {entry.get('stage', '?')})")
-        elif sha256_file(path) != entry.get("sha256"):
+            entry = view.manifest["files"][rel]
+            stage = entry.get("stage", "?") if isinstance(entry, dict) else "?"
+            view.problems.append(f"{rel} is missing (the manifest lists it, stage {stage})")
+        else:
             view.file_states[rel] = "differs"
             view.problems.append(f"{rel} differs from the manifest's sha256 (changed or damaged since it was written)")
     for name, stage, attr in (("metrics.json", "finetune", "metrics"), ("parity.json", "check", "parity"),

@@ -373,11 +373,19 @@ def max_threads() -> int:
     return max(64, 4 * (os.cpu_count() or 1))
 
 
+def too_many_threads(count: int) -> str | None:
+    """Why ``count`` threads are refused (None: they are not): more than :func:`max_threads`."""
+    if count <= max_threads():
+        return None
+    return f"{count} is more than {max_threads()} (4 per CPU of this machine, at least 64)"
+
+
 def thread_count(value: str, option: str) -> int:
     """A --threads value: a whole number from 1 to :func:`max_threads`."""
     number = _positive_int(value, option)
-    if number > max_threads():
-        raise UsageError(f"{option} {number} is more than {max_threads()} (4 per CPU of this machine, at least 64)")
+    refused = too_many_threads(number)
+    if refused:
+        raise UsageError(f"{option} {refused}")
     return number
 
 
