@@ -213,3 +213,29 @@ def demo_summary(result: Any) -> str:
                          f"{p['score']:.2f}  {p['latency_ms']:.1f} ms")  # fmt: skip
     lines += [f"note:      {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def search_summary(result: Any) -> str:
+    """What ``edgetl search`` prints: the winner, the front, where everything is."""
+    summary = result.summary
+    counts: dict[str, int] = {}
+    for row in summary["trials"]:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    lines = [f"search {result.out}: {len(summary['trials'])} trial(s) "
+             f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); {len(result.ran)} run by this process",
+             f"latency: {summary['latency_on']['how']}"]  # fmt: skip
+    best = result.best
+    if best is None:
+        lines.append("no trial produced an int8 model within budget that passed parity (exit 4)")
+    else:
+        p, latency = best["params"], best["latency"]
+        spread = f" ({latency['low']:.3g}-{latency['high']:.3g})" if latency["low"] != latency["high"] else ""
+        lines += [f"best: trial {best['number']}: {p['image_size']} px, width {p['width']:g}, {p['strategy']}, "
+                  f"lr {p['lr']:.2g}, label smoothing {p['label_smoothing']:.2f}",
+                  f"      int8 top-1 {100 * best['int8_top1']:.2f}% (validation), {latency['ms']:.3g} ms{spread}, "
+                  f"{best['bytes'] / 1000:,.0f} kB",
+                  f"      a normal run: {result.out / 'best'}  (edgetl package {result.out / 'best'} --target "
+                  f"{summary['target']})"]  # fmt: skip
+    lines += [f"pareto front: trials {', '.join(map(str, summary['pareto'])) or '-'}",
+              f"report: {result.out / 'report.html'}   every trial: {result.out / 'search.json'}"]
+    return "\n".join(lines)

@@ -29,6 +29,12 @@ class InputSpec:
     size: int = 224  # square input side the model must have
     dtype: str = "uint8"  # "uint8" (raw pixels), "int8" or "float32"
     layout: str = "NHWC"  # "NHWC" (TFLite) or "NCHW" (ONNX)
+    sizes: tuple[int, ...] = ()  # other sides the target takes as well (a CPU runs any): what `edgetl search` tries
+
+    @property
+    def accepted(self) -> tuple[int, ...]:
+        """Every input side the target takes, smallest first."""
+        return tuple(sorted({self.size, *self.sizes}))
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,16 @@ class CompileSpec:
 
 
 @dataclass(frozen=True)
+class LatencySpec:
+    """How `edgetl search` estimates the board's latency from this host's when it cannot measure it there:
+    board ms = host ms (one thread, LiteRT int8) x host_factor, within x/÷ uncertainty."""
+
+    host_factor: float | None = None  # None: no estimate; measure over ssh (or --latency-on host)
+    uncertainty: float = 2.0  # the estimate may be this many times too high or too low
+    reference: str = ""  # where the factor comes from (a measurement, a published figure)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     width: float | None = None  # MobileNetV2 width this target needs (finetune --target uses it)
 
@@ -86,6 +102,7 @@ SECTIONS = {
     "compile": CompileSpec,
     "model": ModelSpec,
     "device": DeviceSpec,
+    "latency": LatencySpec,
 }
 
 
@@ -105,6 +122,7 @@ class Target:
     compile: CompileSpec = field(default_factory=CompileSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     device: DeviceSpec = field(default_factory=DeviceSpec)
+    latency: LatencySpec = field(default_factory=LatencySpec)
     source: str = ""  # the file it was read from (not a key)
 
     @property
@@ -125,6 +143,10 @@ def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: {key} must not be empty")
+    if "tuple[int" in text:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of integers, got {value!r}")
+        return tuple(value)
     if "tuple" in text:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
@@ -175,8 +197,13 @@ def _validate(target: Target, where: str) -> None:
     if target.quantization.output_dtype not in outputs:
         raise bad(f"quantization output_dtype must be {' or '.join(outputs)} for {target.artifact}, "
                   f"got {target.quantization.output_dtype!r}")  # fmt: skip
-    if not 16 <= target.input.size <= 1024 or target.input.size % 8:
-        raise bad(f"input size must be a multiple of 8 in 16..1024, got {target.input.size}")
+    for size in target.input.accepted:
+        if not 16 <= size <= 1024 or size % 8:
+            raise bad(f"input size must be a multiple of 8 in 16..1024, got {size}")
+    if target.latency.host_factor is not None and not target.latency.host_factor > 0:
+        raise bad("latency.host_factor must be > 0")
+    if not target.latency.uncertainty >= 1:
+        raise bad("latency.uncertainty must be >= 1 (a factor: x/÷ this)")
     if target.input.layout not in ("NHWC", "NCHW"):
         raise bad(f"input layout must be NHWC or NCHW, got {target.input.layout!r}")
     if target.threads < 1:

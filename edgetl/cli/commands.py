@@ -49,7 +49,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, traceback: bool) -> None
     5 missing dependency, 6 bundle verification failed, 7 accelerator left ops on the CPU,
     130 interrupted.
     """
-    ctx.obj = {"traceback": traceback}
+    ctx.obj = {"traceback": traceback, "verbose": verbose}
     setup_logging(verbose, quiet)
 
 

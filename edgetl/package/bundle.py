@@ -66,7 +66,8 @@ def runtime_files() -> dict[str, bytes]:
 
 def bundle_readme(name: str, target: Target, model: str, accelerator: dict[str, Any] | None = None,
                   tflm: dict[str, Any] | None = None, preprocess: dict[str, Any] | None = None) -> str:  # fmt: skip
-    shape = f"input {target.input.size}x{target.input.size} RGB {target.input.dtype} {target.input.layout}"
+    side = preprocess["image_size"] if preprocess else target.input.size
+    shape = f"input {side}x{side} RGB {target.input.dtype} {target.input.layout}"
     crop = preprocess["image_size"] / preprocess["resize_size"] if preprocess else 0.875
     if target.runtime == "tflm":
         compiled = (accelerator or {}).get("model")

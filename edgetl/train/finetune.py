@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ from edgetl.train.strategy import first_trainable, race
 
 log = logging.getLogger(__name__)
 
+EpochHook = Callable[[dict[str, Any]], bool]  # an epoch's history row -> stop here?
+
 DIVERGED = 20  # a loss above this many times max(ln(classes), 1) (or non-finite) stops the run
 
 __all__ = ["FinetuneResult", "finetune", "resolve_device", "seed_everything"]
@@ -85,6 +88,7 @@ def finetune(
     *,
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> FinetuneResult | None:
     """Fine-tune MobileNetV2 on an image folder and write the run directory, holding its lock.
 
@@ -95,6 +99,9 @@ def finetune(
         resume: continue the run in ``run_dir`` from its last completed epoch.
         overrides: the options the user gave explicitly; with ``resume`` they must agree with the
             stored configuration (except the device).
+        on_epoch: called after every epoch (the race of ``auto``: after it) with the epoch's history row;
+            True stops training there and keeps the best epoch so far, as early stopping does; an exception
+            it raises (a search's pruning) ends the run unfinished, its state saved up to the epoch before.
 
     Returns:
         A :class:`FinetuneResult`; None on the ranks other than 0 of a distributed run (see
@@ -113,13 +120,14 @@ def finetune(
         raise ConfigError(f"the run folder {run_dir} is inside the dataset {data}",
                           hint="choose an --out outside the dataset folder")  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes (edgetl.train.distributed)
-        return _finetune(data, run_dir, cfg, resume, overrides)
+        return _finetune(data, run_dir, cfg, resume, overrides, on_epoch)
     with run_lock(run_dir, "finetune"):
-        return _finetune(data, run_dir, cfg, resume, overrides)
+        return _finetune(data, run_dir, cfg, resume, overrides, on_epoch)
 
 
 def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, resume: bool,
-              overrides: dict[str, Any] | None) -> FinetuneResult | None:  # fmt: skip
+              overrides: dict[str, Any] | None, on_epoch: EpochHook | None = None,
+              ) -> FinetuneResult | None:  # fmt: skip
     started = time.perf_counter()
     resumed, cfg = _resumed_state(run_dir, cfg, resume, overrides or {})
     device = resolve_device(cfg.device)
@@ -145,6 +153,7 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, resum
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     trainer = Trainer(model, cfg, device, ctx, unfreeze_from, run_dir, state, loaded, splits.classes, resumed)
+    trainer.on_epoch = on_epoch
     trainer.run(data)
     ctx.close()  # no collectives after training: rank 0 finalises alone
     if not ctx.is_main:
@@ -223,6 +232,7 @@ class Trainer:
         self.phase: int | None = None
         self.first: int | None = None  # the first features block with gradients now
         self.optimizer = self.scheduler = self.forward = None
+        self.on_epoch: EpochHook | None = None  # see finetune()
         decision = state.strategy_decision
         self.strategy = decision["used"] if decision else cfg.strategy
 
@@ -245,6 +255,9 @@ class Trainer:
         if not self.ctx.is_main:
             self.resumed = None
             return
+        if self.on_epoch is not None and not self.state.stopped_early and self.on_epoch(self.state.history[-1]):
+            log.info("stopping after epoch %d, as the caller asked; the best epoch is kept", self.state.next_epoch)
+            self.state.stopped_early = True
         self.state.model = cpu_state(self.model)
         self.state.optimizer, self.state.scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
         self.state.optimizer_phase = self.phase
