@@ -143,3 +143,18 @@ def test_board_faults_are_one_line(board_run, host, message):
         outcome = cli(*args)
         assert outcome.exit_code == 1, outcome.output
         assert message in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1
+
+
+def test_search_measures_latency_on_the_board(board, toy_data, tmp_path):
+    """`edgetl search --latency-on ssh:HOST`: each complete trial's model is packaged and timed on the board."""
+    pytest.importorskip("optuna", reason="needs the train extra (optuna)")
+    target = pi_target(tmp_path)
+    out = tmp_path / "search"
+    done = cli("search", str(toy_data), "--out", str(out), "--target", target, "--sizes", "64", "--widths", "0.35",
+               "--weights", "none", "--head-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16",
+               "--trials", "1", "--latency-on", "ssh:board", "--json")  # fmt: skip
+    assert done.exit_code in (0, 4), done.output
+    row = json.loads((out / "search.json").read_text())["trials"][0]
+    assert row["status"] in ("complete", "over-budget") and row["latency"]["how"] == "measured on board", row
+    assert row["latency"]["board"] and row["latency"]["ms"] > 0
+    assert row["latency"]["host_ms"] > 0  # this host's figure is kept beside it

@@ -36,12 +36,12 @@ def test_help_imports_neither_torch_nor_tensorflow():
                 main(args, prog_name="edgetl")
             except SystemExit as exc:
                 assert exc.code == 0, exc.code
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "tensorflow", "onnx"})
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "tensorflow", "onnx", "optuna"})
         print("HEAVY", heavy)
     """
-    proc = run_blocked({"torch", "torchvision", "tensorflow", "onnx", "onnxruntime"}, code)
+    proc = run_blocked({"torch", "torchvision", "tensorflow", "onnx", "onnxruntime", "optuna"}, code)
     assert proc.returncode == 0, proc.stderr
-    for command in ("finetune", "demo", "export", "check"):
+    for command in ("finetune", "demo", "export", "check", "search"):
         assert f"Usage: edgetl {command}" in proc.stdout, command
     assert "HEAVY []" in proc.stdout
 

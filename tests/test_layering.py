@@ -29,6 +29,7 @@ LAYERS = [
     ["ontarget"],
     ["report"],
     ["pipeline"],
+    ["search"],
     ["demo"],
     ["render"],
     ["cli"],

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.config import FinetuneConfig, export_config
-from edgetl.errors import ConfigError, ExitCode, Interrupted, RunDirError, RunLocked
+from edgetl.errors import SIGINT_SEEN, ConfigError, ExitCode, Interrupted, RunDirError, RunLocked
 from edgetl.rundir import run_lock
 from edgetl.search.latency import LatencyOn
 from edgetl.search.results import publish, trial_rows
@@ -68,27 +68,35 @@ def storage_for(out: Path, url: str | None) -> Any:
     return JournalStorage(JournalFileBackend(str(out / JOURNAL)))
 
 
-def open_study(out: Path, storage: Any, resume: bool, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Create the study (refusing to overwrite one) or, with ``resume``, load it; returns it with the
-    settings it searches (a resumed study's own)."""
+def study_settings(out: Path, storage: Any, resume: bool, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings the search runs with: ``settings`` for a new study (refusing to overwrite one), the
+    stored ones with ``resume`` (which must be of the same data and target)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is edgetl's error line, once
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if STUDY_NAME in names and not resume:
         raise RunDirError(f"{out} already holds a search", hint="add --resume to continue it (or to join it from "
                           "another process), or choose another --out")  # fmt: skip
-    if STUDY_NAME not in names and resume:
+    if not resume:
+        return settings
+    if STUDY_NAME not in names:
         raise RunDirError(f"there is no search to resume in {out}", hint="start one without --resume")
-    if resume:
-        stored = optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs.get("settings")
-        if not isinstance(stored, dict):
-            raise RunDirError(f"the search in {out} has no settings (not made by edgetl search?)")
-        for key in ("data", "target"):
-            if stored[key] != settings[key]:
-                raise ConfigError(f"the search in {out} was started with {key} {stored[key]}, not {settings[key]}",
-                                  hint="resume it with the same DATA and --target")  # fmt: skip
-        settings = stored
+    stored = optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs.get("settings")
+    if not isinstance(stored, dict):
+        raise RunDirError(f"the search in {out} has no settings (not made by edgetl search?)")
+    for key in ("data", "target"):
+        if stored[key] != settings[key]:
+            raise ConfigError(f"the search in {out} was started with {key} {stored[key]}, not {settings[key]}",
+                              hint="resume it with the same DATA and --target")  # fmt: skip
+    return stored
+
+
+def open_study(storage: Any, settings: dict[str, Any], resume: bool) -> Any:
+    """The study: TPE sampling, Hyperband pruning on the epochs of a trial; created with its settings, or
+    loaded (``resume``)."""
+    import optuna
+
     recipe = FinetuneConfig.build(settings["recipe"])
     # a joining process samples with its own seed: two processes with one seed would propose the same trials
     seed = recipe.seed + (os.getpid() if resume else 0)
@@ -99,7 +107,7 @@ def open_study(out: Path, storage: Any, resume: bool, settings: dict[str, Any]) 
                                 pruner=pruner, load_if_exists=resume)  # fmt: skip
     if not resume:
         study.set_user_attr("settings", settings)
-    return study, settings
+    return study
 
 
 def requeue_unfinished(study: Any, out: Path) -> list[int]:
@@ -168,32 +176,44 @@ def search(data: str, out: str | os.PathLike, target: Target, space: Space, budg
     settings = {"data": str(Path(data).resolve()), "target": target.name, "budget": budget.to_dict(),
                 "latency_on": how.to_dict(), "space": space.to_dict(), "recipe": recipe,
                 "weights": weights}  # fmt: skip
-    study, settings = open_study(out, storage_for(out, storage_url), resume, settings)
+    storage = storage_for(out, storage_url)
+    settings = study_settings(out, storage, resume, settings)
     ctx = _context(data, out, target, settings)
-    if minutes is not None:
+    if minutes is not None:  # bad input is refused before the study exists
         _refuse_short_budget(minutes, ctx)
         ctx.deadline = time.monotonic() + minutes * 60
     fits = ctx.shapes.within_budget(ctx.space.sizes, ctx.space.widths)
     ctx.space = ctx.space.narrowed(fits)
+    study = open_study(storage, settings, resume)
     if not resume:
         study.enqueue_trial(first_trial(fits))
     elif again := requeue_unfinished(study, out):
         log.info("continuing interrupted trial(s) %s", ", ".join(map(str, again)))
-    left = trials - len(study.get_trials(deepcopy=False, states=_counted()))
-    try:
-        if left > 0:
-            import optuna
 
-            timeout = None if ctx.deadline is None else max(1.0, ctx.deadline - time.monotonic())
-            study.optimize(Objective(ctx), n_trials=left, timeout=timeout,
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=_counted())])  # fmt: skip
+    def published(*_: Any) -> dict[str, Any]:  # search.json, report.html and best/, after every trial
+        return publish(out, study, settings, time.perf_counter() - started)
+
+    try:
+        _optimize(study, ctx, trials, published)
     except (Interrupted, KeyboardInterrupt):
-        publish(out, study, settings, time.perf_counter() - started)
+        SIGINT_SEEN[0] = False  # handled here: the results so far are still published
+        published()
         hint = f"continue with: edgetl search {data} --out {out} --target {target.name} --resume"
         raise Interrupted(f"search interrupted; {len(trial_rows(study))} trial(s) are recorded in {out}",
                           hint=hint) from None
-    summary = publish(out, study, settings, time.perf_counter() - started)
-    return SearchResult(out, summary, ctx.done)
+    return SearchResult(out, published(), ctx.done)
+
+
+def _optimize(study: Any, ctx: Context, trials: int, after_trial: Any) -> None:
+    """Trials until the study has ``trials`` (counting every process's) or the time budget is spent."""
+    import optuna
+
+    left = trials - len(study.get_trials(deepcopy=False, states=_counted()))
+    if left <= 0:
+        return
+    timeout = None if ctx.deadline is None else max(1.0, ctx.deadline - time.monotonic())
+    enough = optuna.study.MaxTrialsCallback(trials, states=_counted())
+    study.optimize(Objective(ctx), n_trials=left, timeout=timeout, callbacks=[enough, after_trial])
 
 
 def _counted() -> tuple[Any, ...]:
