@@ -182,7 +182,7 @@ def test_a_shape_over_budget_is_rejected_before_training(toy_data, toy_target, t
     assert Objective(ctx)(trial) == 0.0
     record = trial.user_attrs["result"]
     assert record["status"] == "over-budget" and record["reason"] == "5 ms > 1 ms; 900 kB > 500 kB"
-    assert not trial.reported and not (tmp_path / "trials").exists()  # nothing trained
+    assert not trial.reported and not (tmp_path / "trials" / "000").exists()  # nothing trained
 
 
 def test_the_time_budget_finishes_the_trial_under_way_with_its_best_epoch(toy_data, toy_target, tmp_path):
@@ -230,6 +230,7 @@ def test_an_interrupted_search_resumes_in_two_processes_sharing_the_study(toy_da
     assert len(finished) >= 3 and len({r["run_dir"] for r in finished}) == len(finished)
     resumed = next(r for r in finished if r["run_dir"] == "trials/000")
     assert resumed["status"] in STATUSES and resumed["number"] > 0
+    assert rows[0]["status"] == "interrupted" and rows[0]["continued_as"] == resumed["number"]
     ran = [json.loads(stdout)["trials_this_process"] for stdout, _ in outputs]
     assert all(n >= 1 for n in ran) and sum(ran) == len(finished)  # both worked on it
 

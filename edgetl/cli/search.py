@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import click
@@ -94,6 +95,8 @@ def search_command(ctx: click.Context, data: str, out: str, target: str, max_lat
     if not (ctx.obj or {}).get("verbose"):
         for name in TRIAL_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+    bar = sys.stderr.isatty() and not as_json and logging.getLogger("edgetl").level <= logging.INFO
     result = search(data, out, spec, space, budget, parse_latency_on(latency_on, spec), trials=trials,
-                    minutes=minutes, recipe=recipe, weights=weights, resume=resume, storage_url=storage)  # fmt: skip
+                    minutes=minutes, recipe=recipe, weights=weights, resume=resume, storage_url=storage,
+                    progress=bar)  # fmt: skip
     finish(as_json, result, render.search_summary(result))

@@ -26,12 +26,17 @@ UNRECORDED = {"RUNNING": "running", "WAITING": "waiting", "FAIL": "failed", "PRU
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
     """One row per trial of the study, in trial order."""
+    trials = study.get_trials(deepcopy=False)
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         record = trial.user_attrs.get("result")
         if record is None:
             status = "interrupted" if trial.user_attrs.get("interrupted") else UNRECORDED[trial.state.name]
             record = {"params": trial.params, "run_dir": trial.user_attrs.get("run_dir"), "status": status}
+            folder = trial.user_attrs.get("resume_of", trial.number)
+            later = [t.number for t in trials if t.number > trial.number and t.user_attrs.get("resume_of") == folder]
+            if trial.state.name == "FAIL" and later:
+                record["continued_as"] = later[0]  # its fine-tune went on in that trial
         rows.append({"number": trial.number, **record})
     return rows
 
@@ -41,8 +46,9 @@ def _key(row: dict[str, Any]) -> tuple[float, float, float]:
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[int]:
-    """Numbers of the trials with an int8 model that no other trial beats on top-1, latency and size at once."""
-    measured = [r for r in rows if r.get("int8_top1") is not None and r.get("latency")]
+    """Numbers of the trials with an int8 model that passed parity and that no other such trial beats on
+    top-1, latency and size at once."""
+    measured = [r for r in rows if r.get("parity_passed") and r.get("latency")]
 
     def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
         ka, kb = _key(a), _key(b)

@@ -162,7 +162,7 @@ def epoch_seconds(space: Space, classes: int, images: int, batch: int) -> float:
 
 def search(data: str, out: str | os.PathLike, target: Target, space: Space, budget: Budget, how: LatencyOn, *,
            trials: int, minutes: float | None, recipe: dict[str, Any], weights: str, resume: bool = False,
-           storage_url: str | None = None) -> SearchResult:  # fmt: skip
+           storage_url: str | None = None, progress: bool = False) -> SearchResult:  # fmt: skip
     """Run (or continue, or join) the search until the study has ``trials`` trials or ``minutes`` pass;
     publish its results. See :mod:`edgetl.search`. With ``resume`` the study's stored settings are used
     (``space``, ``budget``, ``how``, ``recipe`` and ``weights`` are the new study's only).
@@ -194,7 +194,7 @@ def search(data: str, out: str | os.PathLike, target: Target, space: Space, budg
         return publish(out, study, settings, time.perf_counter() - started)
 
     try:
-        _optimize(study, ctx, trials, published)
+        _optimize(study, ctx, trials, published, progress)
     except (Interrupted, KeyboardInterrupt):
         SIGINT_SEEN[0] = False  # handled here: the results so far are still published
         published()
@@ -204,8 +204,9 @@ def search(data: str, out: str | os.PathLike, target: Target, space: Space, budg
     return SearchResult(out, published(), ctx.done)
 
 
-def _optimize(study: Any, ctx: Context, trials: int, after_trial: Any) -> None:
-    """Trials until the study has ``trials`` (counting every process's) or the time budget is spent."""
+def _optimize(study: Any, ctx: Context, trials: int, after_trial: Any, progress: bool) -> None:
+    """Trials until the study has ``trials`` (counting every process's) or the time budget is spent;
+    ``progress``: Optuna's bar on stderr."""
     import optuna
 
     left = trials - len(study.get_trials(deepcopy=False, states=_counted()))
@@ -213,7 +214,8 @@ def _optimize(study: Any, ctx: Context, trials: int, after_trial: Any) -> None:
         return
     timeout = None if ctx.deadline is None else max(1.0, ctx.deadline - time.monotonic())
     enough = optuna.study.MaxTrialsCallback(trials, states=_counted())
-    study.optimize(Objective(ctx), n_trials=left, timeout=timeout, callbacks=[enough, after_trial])
+    study.optimize(Objective(ctx), n_trials=left, timeout=timeout, callbacks=[enough, after_trial],
+                   show_progress_bar=progress)  # fmt: skip
 
 
 def _counted() -> tuple[Any, ...]:

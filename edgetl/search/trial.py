@@ -72,12 +72,16 @@ class Objective:
         record: dict[str, Any] = {"params": params, "run_dir": str(run_dir.relative_to(ctx.out))}
         started = time.perf_counter()
         try:
-            cost = ctx.shapes.cost(params["image_size"], params["width"])
-            record.update(bytes=cost["bytes"], latency=cost["latency"])
-            if cost["over_budget"]:
-                return self._finish(trial, record, started, "over-budget", "; ".join(cost["over_budget"]))
+            # held from the start: a process resuming the study takes a trial nobody holds for a dead one's
             with run_lock(run_dir, "search trial"):
-                value = self._run(trial, params, run_dir, record, started)
+                cost = ctx.shapes.cost(params["image_size"], params["width"])
+                record.update(bytes=cost["bytes"], latency=cost["latency"])
+                if cost["over_budget"]:
+                    value = self._finish(trial, record, started, "over-budget", "; ".join(cost["over_budget"]))
+                else:
+                    value = self._run(trial, params, run_dir, record, started)
+            if record["status"] == "over-budget" and not (run_dir / "model.pt").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing but the lock: not trained
         except optuna.TrialPruned:
             raise
         except Interrupted:
