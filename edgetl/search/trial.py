@@ -80,9 +80,10 @@ class Objective:
                     value = self._finish(trial, record, started, "over-budget", "; ".join(cost["over_budget"]))
                 else:
                     value = self._run(trial, params, run_dir, record, started)
-            if record["status"] == "over-budget" and not (run_dir / "model.pt").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)  # nothing but the lock: not trained
+            if record["status"] == "over-budget":
+                _drop_untrained(run_dir)
         except optuna.TrialPruned:
+            _drop_untrained(run_dir)
             raise
         except Interrupted:
             trial.set_user_attr("interrupted", True)
@@ -118,7 +119,6 @@ class Objective:
                 record.update(val_loss=row["val_loss"], val_top1=row["val_acc"], epochs=row["epoch"])
                 self._finish(trial, record, started, "pruned", f"validation loss {row['val_loss']:.4f} after "
                              f"epoch {row['epoch']} is behind the other trials'")  # fmt: skip
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a pruned trial never resumes
                 raise optuna.TrialPruned(record["reason"])
             if ctx.deadline is not None and time.monotonic() > ctx.deadline:
                 record["stopped_by_time_budget"] = row["epoch"]
@@ -161,6 +161,12 @@ class Objective:
         self.ctx.done.append({"number": trial.number, **record})
         log.info("%s", trial_line(trial.number, record))
         return value
+
+
+def _drop_untrained(run_dir: Path) -> None:
+    """Remove the folder of a trial that kept no model (rejected or pruned: a pruned trial never resumes)."""
+    if not (run_dir / "model.pt").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def trial_line(number: int, record: dict[str, Any]) -> str:
