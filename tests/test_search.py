@@ -78,6 +78,10 @@ def test_search_records_every_trial_and_picks_the_most_accurate_int8_model(toy_s
     for row in complete:
         model = out / row["run_dir"] / "model_int8.tflite"
         assert row["bytes"] == model.stat().st_size and row["parity_passed"]
+        # the untrained model of that shape, probed before training, predicted its size (metadata aside)
+        size, width = row["params"]["image_size"], row["params"]["width"]
+        probe = json.loads((out / "shapes" / f"{size}x{width:g}" / "shape.json").read_text())
+        assert abs(probe["bytes"] - row["bytes"]) < 0.05 * row["bytes"], (probe["bytes"], row["bytes"])
         latency = row["latency"]  # estimated: 3x this host's figure, within x/÷2
         assert latency["how"] == "estimated" and latency["ms"] == pytest.approx(3 * latency["host_ms"], rel=1e-3)
         assert latency["low"] == pytest.approx(latency["ms"] / 2, rel=1e-3)
@@ -195,6 +199,20 @@ def test_the_time_budget_finishes_the_trial_under_way_with_its_best_epoch(toy_da
     assert record["status"] == "complete" and record["epochs"] == 1 and record["stopped_by_time_budget"] == 1
     assert value == record["int8_top1"] and (tmp_path / "trials" / "000" / "model_int8.tflite").is_file()
     assert record["latency"]["how"] == "host" and record["latency"]["ms"] > 0
+
+
+def test_a_shape_probe_measures_the_arena_when_the_budget_has_one(tmp_path):
+    """A microcontroller's arena is known before training too: TFLite Micro runs the untrained model."""
+    pytest.importorskip("tflite_micro", reason="needs the mcu extra")
+    from edgetl.search.latency import LatencyOn
+    from edgetl.search.shapes import Budget, Shapes
+
+    shapes = Shapes(tmp_path, list(TOY_CLASSES), LatencyOn("host"), Budget(max_arena_bytes=10_000))
+    cost = shapes.cost(32, 0.35)
+    assert cost["arena_bytes"] > 10_000
+    assert cost["over_budget"] == [f"arena {cost['arena_bytes'] / 1000:,.0f} kB > 10 kB"]
+    assert cost["bytes"] == (tmp_path / "shapes" / "32x0.35" / "model_int8.tflite").stat().st_size
+    assert json.loads((tmp_path / "shapes" / "32x0.35" / "shape.json").read_text()) == cost  # probed once, kept
 
 
 # ----------------------------------------------------------------------------- Ctrl-C, --resume, two processes
