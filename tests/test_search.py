@@ -266,6 +266,7 @@ def test_an_interrupted_search_resumes_in_two_processes_sharing_the_study(toy_da
     (["--target", "coral-edgetpu", "--latency-on", "target"], 2, "coral-edgetpu gives no factor"),
     (["--max-latency-ms", "0.00001"], 4, "no candidate fits the budget: the cheapest, 32 px at width 0.35, needs"),
     (["--resume"], 1, "there is no search to resume in"),
+    (["--storage", "nosuchdb://x"], 2, "--storage nosuchdb://x: "),
 ])  # fmt: skip
 def test_bad_input_is_one_line(toy_data, toy_target, tmp_path, extra, code, message):
     args = ["search", str(toy_data), "--out", str(tmp_path / "out"), "--target", str(toy_target), *RECIPE, *extra]

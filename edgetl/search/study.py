@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.config import FinetuneConfig, export_config
-from edgetl.errors import SIGINT_SEEN, ConfigError, ExitCode, Interrupted, RunDirError, RunLocked
+from edgetl.errors import SIGINT_SEEN, ConfigError, ExitCode, Interrupted, RunDirError, RunLocked, first_line
 from edgetl.rundir import run_lock
 from edgetl.search.latency import LatencyOn
 from edgetl.search.results import publish, trial_rows
@@ -60,7 +60,13 @@ def storage_for(out: Path, url: str | None) -> Any:
     """The study's storage: a journal file in DIR (local processes share it through file locks), or the
     database at ``url`` (``sqlite:///...``, ``postgresql://...``: processes on several machines)."""
     if url:
-        return url
+        from optuna.storages import RDBStorage
+
+        try:
+            return RDBStorage(url)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's and the driver's errors have no common base
+            raise ConfigError(f"--storage {url}: {first_line(exc)}",
+                              hint="an Optuna storage URL: sqlite:///path.db, postgresql://..., mysql://...") from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
