@@ -143,10 +143,10 @@ PARAMS = {"image_size": 32, "width": 0.35, "strategy": "partial", "lr": 1e-3, "l
 
 def context(toy_data, target_path: Path, out: Path, cost: dict, **budget):
     """A trial context over the toy data, the shape's cost given (no probe)."""
-    from edgetl.config import export_config
     from edgetl.search.latency import LatencyOn
     from edgetl.search.shapes import SHAPE, Budget, Shapes
     from edgetl.search.space import Space
+    from edgetl.search.study import trial_export
     from edgetl.search.trial import Context
     from edgetl.targets import load_target
 
@@ -158,7 +158,7 @@ def context(toy_data, target_path: Path, out: Path, cost: dict, **budget):
     recipe = {"head_epochs": 1, "finetune_epochs": 2, "batch_size": 16, "patience": 0, "decode_workers": 1}
     shapes = Shapes(out, list(TOY_CLASSES), how, limits)
     return Context(str(toy_data), out, target, Space((32,), (0.35,)), limits, shapes, how, recipe, "none",
-                   export_config(target, int8=True, max_drop=None, min_agreement=None))  # fmt: skip
+                   trial_export(target))  # fmt: skip
 
 
 def test_a_trial_the_pruner_stops_ends_after_that_epoch(toy_data, toy_target, tmp_path):

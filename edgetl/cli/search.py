@@ -41,7 +41,8 @@ def _numbers(kind: type, text: str | None, option: str) -> tuple[Any, ...] | Non
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
               help="Trials in the study (all its processes together).")
 @click.option("--time-budget", "minutes", type=POSITIVE, default=None,
-              help="Minutes this process searches; the trial under way then finishes with its best epoch.")
+              help="Minutes this process searches, exports included: the trial under way finishes with its best "
+                   "epoch in time to be exported.")
 @click.option("--latency-on", default=None,
               help="host (this machine, 1 thread) | target (this machine x the target's factor) | ssh:HOST (the "
                    "board) [target: measured here for a target of this machine's architecture].")

@@ -12,11 +12,11 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgetl.config import FinetuneConfig, export_config
+from edgetl.config import ExportConfig, FinetuneConfig, export_config
 from edgetl.errors import SIGINT_SEEN, ConfigError, ExitCode, Interrupted, RunDirError, RunLocked, first_line
 from edgetl.rundir import run_lock
 from edgetl.search.latency import LatencyOn
@@ -243,9 +243,15 @@ def _context(data: str, out: Path, target: Target, settings: dict[str, Any]) -> 
     how = LatencyOn(**{k: v for k, v in settings["latency_on"].items() if k != "how"})
     ctx = Context(data, out, target, space, budget, Shapes(out, splits.classes, how, budget), how,
                   settings["recipe"], settings["weights"],
-                  export_config(target, int8=True, max_drop=None, min_agreement=None))  # fmt: skip
+                  trial_export(target))  # fmt: skip
     ctx.train_images, ctx.batch_size = splits.counts()["train"], recipe.batch_size
     return ctx
+
+
+def trial_export(target: Target) -> ExportConfig:
+    """A trial's export: the target's parity gate, without the remedies ``edgetl export`` tries on a failing
+    int8 model (minutes each: a search moves on to other trials; ``edgetl export`` of a trial runs them)."""
+    return replace(export_config(target, int8=True, max_drop=None, min_agreement=None), remedies=False)
 
 
 def _refuse_short_budget(minutes: float, ctx: Context) -> None:

@@ -45,7 +45,8 @@ class Context:
     base: dict[str, Any]  # FinetuneConfig fields every trial shares (epochs, batch size, seed, ...)
     weights: str  # for width 1.0; narrower widths train from scratch
     export: ExportConfig
-    deadline: float | None = None  # time.monotonic() after which a trial finishes with its best epoch
+    deadline: float | None = None  # time.monotonic() by which the search ends (a trial's export included)
+    judge_s: float = 0.0  # the longest export + parity + latency of a trial so far: kept free before the deadline
     done: list[dict[str, Any]] = field(default_factory=list)  # this process's trial records, in order
     train_images: int = 0
     batch_size: int = 32
@@ -120,7 +121,7 @@ class Objective:
                 self._finish(trial, record, started, "pruned", f"validation loss {row['val_loss']:.4f} after "
                              f"epoch {row['epoch']} is behind the other trials'")  # fmt: skip
                 raise optuna.TrialPruned(record["reason"])
-            if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+            if ctx.deadline is not None and time.monotonic() + ctx.judge_s > ctx.deadline:
                 record["stopped_by_time_budget"] = row["epoch"]
                 return True
             return False
@@ -132,13 +133,15 @@ class Objective:
         """Export with the parity gate; the trained int8 model's latency and size against the budget."""
         from edgetl.pipeline import export_and_check
 
-        ctx = self.ctx
+        ctx, judging = self.ctx, time.perf_counter()
         report = export_and_check(run_dir, ctx.export)
         int8 = report.parity.artifacts[INT8]
         record.update(int8_top1=int8["top1"], agreement=int8["agreement"], parity_passed=bool(int8["passed"]),
                       bytes=(run_dir / INT8).stat().st_size)  # fmt: skip
         host = host_latency(run_dir / INT8)
         record["latency"] = on_target(host, ctx.how)
+        record["judge_s"] = round(time.perf_counter() - judging, 1)
+        ctx.judge_s = max(ctx.judge_s, record["judge_s"])
         if not int8["passed"]:
             return self._finish(trial, record, started, "parity-failed",
                                 f"int8 top-1 Δ {int8['delta_top1_pp']:+.2f} pp, agreement {int8['agreement']:.2%}")
