@@ -252,6 +252,38 @@ def test_an_interrupted_search_resumes_in_two_processes_sharing_the_study(toy_da
     assert all(n >= 1 for n in ran) and sum(ran) == len(finished)  # both worked on it
 
 
+def test_resume_takes_over_the_trial_of_a_process_that_died_but_not_of_a_live_one(tmp_path):
+    """A killed process leaves its trial "running": nobody holds its folder's lock (the kernel's), so the
+    next --resume continues it; a folder another process holds, or a trial just starting, is left alone."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from edgetl.search.study import STUDY_NAME, requeue_unfinished, storage_for
+
+    study = optuna.create_study(storage=storage_for(tmp_path, None), study_name=STUDY_NAME, direction="maximize")
+    size = {"image_size": optuna.distributions.CategoricalDistribution([32, 40])}
+    dead, live, _starting = (study.ask(size) for _ in range(3))
+    for trial in (dead, live):
+        trial.set_user_attr("run_dir", f"trials/{trial.number:03d}")
+        (tmp_path / "trials" / f"{trial.number:03d}").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(120)",
+                               str(tmp_path / "trials" / "001" / ".edgetl.lock")],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert requeue_unfinished(study, tmp_path) == [0]
+    finally:
+        holder.kill()
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {0: "FAIL", 1: "RUNNING", 2: "RUNNING", 3: "WAITING"}
+    again = study.get_trials()[3]
+    assert again.user_attrs["resume_of"] == 0 and again.system_attrs["fixed_params"] == dead.params  # the same choices
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -125,7 +125,7 @@ def requeue_unfinished(study: Any, out: Path) -> list[int]:
     queued = {t.user_attrs.get("resume_of") for t in trials if t.state != TrialState.FAIL}
     again = []
     for trial in trials:
-        if trial.state == TrialState.RUNNING and not _held(out / trial.user_attrs.get("run_dir", "-")):
+        if trial.state == TrialState.RUNNING and _dead(trial, out):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         elif trial.state != TrialState.FAIL or "result" in trial.user_attrs:
             continue
@@ -136,6 +136,18 @@ def requeue_unfinished(study: Any, out: Path) -> list[int]:
         queued.add(number)
         again.append(number)
     return again
+
+
+def _dead(trial: Any, out: Path) -> bool:
+    """Whether a running trial's process is gone: a trial names its folder once it holds the folder's lock,
+    so a named folder nobody holds is a dead process's; one that never named it is dead after an hour."""
+    import datetime
+
+    folder = trial.user_attrs.get("run_dir")
+    if folder is None:
+        started = trial.datetime_start or datetime.datetime.now()
+        return datetime.datetime.now() - started > datetime.timedelta(hours=1)
+    return not _held(out / folder)
 
 
 def _held(folder: Path) -> bool:

@@ -69,12 +69,12 @@ class Objective:
         params = ctx.space.suggest(trial)
         number = trial.user_attrs.get("resume_of", trial.number)
         run_dir = trial_dir(ctx.out, number)
-        trial.set_user_attr("run_dir", str(run_dir.relative_to(ctx.out)))
         record: dict[str, Any] = {"params": params, "run_dir": str(run_dir.relative_to(ctx.out))}
         started = time.perf_counter()
         try:
-            # held from the start: a process resuming the study takes a trial nobody holds for a dead one's
             with run_lock(run_dir, "search trial"):
+                # named once held: a process resuming the study takes a named folder nobody holds for a dead trial's
+                trial.set_user_attr("run_dir", record["run_dir"])
                 cost = ctx.shapes.cost(params["image_size"], params["width"])
                 record.update(bytes=cost["bytes"], latency=cost["latency"])
                 if cost["over_budget"]:
