@@ -33,7 +33,7 @@ def write_page(out: Path, summary: dict[str, Any]) -> Path:
 
 def _summary(summary: dict[str, Any], winner: dict[str, Any] | None) -> str:
     budget, how = summary["budget"], summary["latency_on"]["how"]
-    limits = [f"latency ≤ {budget['max_latency_ms']:g} ms" if budget.get("max_latency_ms") else "",
+    limits = [f"latency ≤ {budget['max_latency_ms']:.3g} ms" if budget.get("max_latency_ms") else "",
               f"model ≤ {budget['max_model_bytes'] / 1000:,.0f} kB" if budget.get("max_model_bytes") else "",
               f"arena ≤ {budget['max_arena_bytes'] / 1000:,.0f} kB" if budget.get("max_arena_bytes") else ""]
     counts: dict[str, int] = {}
@@ -63,9 +63,11 @@ def _chart(rows: list[dict[str, Any]], front: set[int], summary: dict[str, Any])
         return '<p class="muted">No trial has an int8 model yet.</p>'
     limit = summary["budget"].get("max_latency_ms")
     xs = [r["latency"]["ms"] for r in points] + ([limit] if limit else [])
-    ys = [r["int8_top1"] for r in points]
+    # the axis spans the models worth comparing (15 points below the best); worse ones sit on it, hollow
+    floor = max(0.0, max(r["int8_top1"] for r in points) - 0.15)
+    ys = [max(r["int8_top1"], floor) for r in points]
     x0, x1 = 0.0, max(xs) * 1.1
-    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.02)
+    y0, y1 = max(0.0, min(ys) - 0.02), min(1.0, max(ys) + 0.02)
     y1 = y1 if y1 > y0 else y0 + 0.01
 
     def x(v: float) -> float:
@@ -85,11 +87,11 @@ def _chart(rows: list[dict[str, Any]], front: set[int], summary: dict[str, Any])
              f'<text x="{PAD - 4}" y="{y(y0) + 4}" font-size="11" text-anchor="end">{y0:.0%}</text>']  # fmt: skip
     if limit:
         parts.append(f'<line x1="{x(limit)}" y1="{PAD}" x2="{x(limit)}" y2="{H - PAD}" stroke="#c0392b" '
-                     f'stroke-dasharray="4 3"/><text x="{x(limit) + 4}" y="{PAD + 10}" font-size="11" '
-                     f'fill="#c0392b">budget {limit:g} ms</text>')  # fmt: skip
+                     f'stroke-dasharray="4 3"/><text x="{x(limit) - 4}" y="{PAD + 10}" font-size="11" '
+                     f'fill="#c0392b" text-anchor="end">budget {limit:.3g} ms</text>')  # fmt: skip
     on_front = sorted((r for r in points if r["number"] in front), key=lambda r: r["latency"]["ms"])
     if len(on_front) > 1:
-        path = " ".join(f"{x(r['latency']['ms']):.1f},{y(r['int8_top1']):.1f}" for r in on_front)
+        path = " ".join(f"{x(r['latency']['ms']):.1f},{y(max(r['int8_top1'], floor)):.1f}" for r in on_front)
         parts.append(f'<polyline points="{path}" fill="none" stroke="#17803d" stroke-opacity=".5"/>')
     for r in points:
         colour = COLOURS.get(r["status"], "#8a949e")
@@ -98,10 +100,13 @@ def _chart(rows: list[dict[str, Any]], front: set[int], summary: dict[str, Any])
         tip = (f"trial {r['number']}: {p['image_size']} px w{p['width']:g} {p['strategy']}, int8 "
                f"{r['int8_top1']:.1%}, {r['latency']['ms']:.3g} ms, {r['bytes'] / 1000:,.0f} kB, {r['status']}")
         ring = ' stroke="currentColor" stroke-width="2"' if r["number"] in front else ""
-        parts.append(f'<circle cx="{x(r["latency"]["ms"]):.1f}" cy="{y(r["int8_top1"]):.1f}" r="{radius:.1f}" '
-                     f'fill="{colour}" fill-opacity=".75"{ring}><title>{esc(tip)}</title></circle>')  # fmt: skip
-    legend = ("Green: complete; red: over budget; orange: failed parity. A ringed point is on the Pareto front "
-              "(no other trial is at once as accurate, faster and smaller); its area grows with the model's size.")
+        below = r["int8_top1"] < floor
+        fill = f'fill="none" stroke="{colour}"' if below else f'fill="{colour}" fill-opacity=".75"'
+        parts.append(f'<circle cx="{x(r["latency"]["ms"]):.1f}" cy="{y(max(r["int8_top1"], floor)):.1f}" '
+                     f'r="{radius:.1f}" {fill}{ring}><title>{esc(tip)}</title></circle>')  # fmt: skip
+    legend = ("Green: complete; red: over budget; orange: failed parity; hollow on the axis: more than 15 points "
+              "below the best. A ringed point is on the Pareto front (no other trial is at once as accurate, faster "
+              "and smaller); a point's area grows with the model's size.")
     return (f'<svg viewBox="0 0 {W} {H}" width="{W}" role="img" aria-label="Pareto front" '
             f'style="max-width:100%;height:auto">{"".join(parts)}</svg><p class="muted">{legend}</p>')
 
