@@ -68,7 +68,7 @@ def test_search_records_every_trial_and_picks_the_most_accurate_int8_model(toy_s
     rows = summary["trials"]
     assert [r["number"] for r in rows] == [0, 1, 2] and {r["status"] for r in rows} <= STATUSES
     # the first trial is edgetl's default recipe at the largest size within budget
-    assert rows[0]["params"] == {"image_size": 40, "width": 0.35, "strategy": "full", "lr": 1e-3,
+    assert rows[0]["params"] == {"image_size": 40, "width": 0.35, "strategy": "auto", "lr": 1e-3,
                                  "label_smoothing": 0.1}  # fmt: skip
     for row in rows:
         assert row["params"]["image_size"] in (32, 40) and row["params"]["width"] == 0.35

@@ -8,7 +8,7 @@ from typing import Any
 
 from edgetl.errors import ConfigError
 
-STRATEGIES = ("feature-extraction", "partial", "full")  # "auto" races two of these inside one trial
+STRATEGIES = ("auto", "feature-extraction", "partial", "full")  # auto: feature extraction and full race in the trial
 DEFAULT_WIDTHS = (1.0, 0.5)  # ImageNet weights exist for 1.0 only: 0.5 trains from scratch and must earn its place
 PRETRAINED_WIDTH = 1.0
 LR = (3e-4, 3e-3)  # head learning rate, log-uniform (the default recipe: 1e-3)
@@ -44,10 +44,10 @@ class Space:
 
 
 def first_trial(shapes: list[tuple[int, float]]) -> dict[str, Any]:
-    """edgetl's default recipe (whole backbone, the default rates) on the widest, then largest, shape
+    """edgetl's default recipe (``--strategy auto``, the default rates) on the widest, then largest, shape
     within budget: the point every other trial must beat."""
     size, width = max(shapes, key=lambda shape: (shape[1], shape[0]))
-    return {"image_size": size, "width": width, "strategy": "full", "lr": 1e-3, "label_smoothing": 0.1}
+    return {"image_size": size, "width": width, "strategy": "auto", "lr": 1e-3, "label_smoothing": 0.1}
 
 
 def build_space(accepted: tuple[int, ...], sizes: tuple[int, ...] | None, widths: tuple[float, ...] | None,
