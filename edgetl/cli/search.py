@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -74,6 +75,7 @@ def search_command(ctx: click.Context, data: str, out: str, target: str, max_lat
     OUT/trials/NNN, pruned early when its validation loss lags; the winner, checked by the parity gate, is
     copied to OUT/best. Exits 4 when no trial fits the budget.
     """
+    started = time.monotonic()  # --time-budget counts from here, importing torch and TensorFlow included
     require("torch", "train")
     require("optuna", "train")
     require("tensorflow", "export", import_it=False)
@@ -99,5 +101,5 @@ def search_command(ctx: click.Context, data: str, out: str, target: str, max_lat
     bar = sys.stderr.isatty() and not as_json and logging.getLogger("edgetl").level <= logging.INFO
     result = search(data, out, spec, space, budget, parse_latency_on(latency_on, spec), trials=trials,
                     minutes=minutes, recipe=recipe, weights=weights, resume=resume, storage_url=storage,
-                    progress=bar)  # fmt: skip
+                    progress=bar, started=started)  # fmt: skip
     finish(as_json, result, render.search_summary(result))

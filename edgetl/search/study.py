@@ -29,6 +29,7 @@ from edgetl.targets import Target
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
+REQUEUE_LOCK = ".resume"
 STUDY_NAME = "edgetl-search"
 
 
@@ -138,6 +139,18 @@ def requeue_unfinished(study: Any, out: Path) -> list[int]:
     return again
 
 
+def _requeue_once(study: Any, out: Path) -> list[int]:
+    """:func:`requeue_unfinished` by one process at a time: two processes resuming together would both
+    queue the same interrupted trial."""
+    for _ in range(120):
+        try:
+            with run_lock(out / REQUEUE_LOCK, "search resume"):
+                return requeue_unfinished(study, out)
+        except RunLocked:
+            time.sleep(0.5)
+    raise RunLocked(f"{out / REQUEUE_LOCK} stayed locked by another process for a minute")
+
+
 def _dead(trial: Any, out: Path) -> bool:
     """Whether a running trial's process is gone: a trial names its folder once it holds the folder's lock,
     so a named folder nobody holds is a dead process's; one that never named it is dead after an hour."""
@@ -180,7 +193,8 @@ def epoch_seconds(space: Space, classes: int, images: int, batch: int) -> float:
 
 def search(data: str, out: str | os.PathLike, target: Target, space: Space, budget: Budget, how: LatencyOn, *,
            trials: int, minutes: float | None, recipe: dict[str, Any], weights: str, resume: bool = False,
-           storage_url: str | None = None, progress: bool = False) -> SearchResult:  # fmt: skip
+           storage_url: str | None = None, progress: bool = False,
+           started: float | None = None) -> SearchResult:  # fmt: skip
     """Run (or continue, or join) the search until the study has ``trials`` trials or ``minutes`` pass;
     publish its results. See :mod:`edgetl.search`. With ``resume`` the study's stored settings are used
     (``space``, ``budget``, ``how``, ``recipe`` and ``weights`` are the new study's only).
@@ -190,7 +204,8 @@ def search(data: str, out: str | os.PathLike, target: Target, space: Space, budg
         to resume); ConstraintViolated: no shape is within budget; DataError; Interrupted (Ctrl-C: the
         results so far are published, ``--resume`` continues).
     """
-    started, out = time.perf_counter(), Path(out)
+    out = Path(out)
+    started = time.monotonic() if started is None else started  # the command's start: its imports count too
     settings = {"data": str(Path(data).resolve()), "target": target.name, "budget": budget.to_dict(),
                 "latency_on": how.to_dict(), "space": space.to_dict(), "recipe": recipe,
                 "weights": weights}  # fmt: skip
@@ -199,17 +214,17 @@ def search(data: str, out: str | os.PathLike, target: Target, space: Space, budg
     ctx = _context(data, out, target, settings)
     if minutes is not None:  # bad input is refused before the study exists
         _refuse_short_budget(minutes, ctx)
-        ctx.deadline = time.monotonic() + minutes * 60
+        ctx.deadline = started + minutes * 60
     fits = ctx.shapes.within_budget(ctx.space.sizes, ctx.space.widths)
     ctx.space = ctx.space.narrowed(fits)
     study = open_study(storage, settings, resume)
     if not resume:
         study.enqueue_trial(first_trial(fits))
-    elif again := requeue_unfinished(study, out):
+    elif again := _requeue_once(study, out):
         log.info("continuing interrupted trial(s) %s", ", ".join(map(str, again)))
 
     def published(*_: Any) -> dict[str, Any]:  # search.json, report.html and best/, after every trial
-        return publish(out, study, settings, time.perf_counter() - started)
+        return publish(out, study, settings, time.monotonic() - started)
 
     try:
         _optimize(study, ctx, trials, published, progress)
@@ -230,7 +245,10 @@ def _optimize(study: Any, ctx: Context, trials: int, after_trial: Any, progress:
     left = trials - len(study.get_trials(deepcopy=False, states=_counted()))
     if left <= 0:
         return
-    timeout = None if ctx.deadline is None else max(1.0, ctx.deadline - time.monotonic())
+    timeout = None if ctx.deadline is None else ctx.deadline - time.monotonic()
+    if timeout is not None and timeout <= 0:
+        log.warning("the time budget was spent before a trial could start (probing the shapes)")
+        return
     enough = optuna.study.MaxTrialsCallback(trials, states=_counted())
     study.optimize(Objective(ctx), n_trials=left, timeout=timeout, callbacks=[enough, after_trial],
                    show_progress_bar=progress)  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.config import ExportConfig, FinetuneConfig
-from edgetl.errors import ExportError, Interrupted, TrainingDiverged
+from edgetl.errors import ExportError, Interrupted, RunLocked, TrainingDiverged
 from edgetl.rundir import run_lock
 from edgetl.search.latency import LatencyOn, host_latency, on_board, on_target
 from edgetl.search.shapes import Budget, Shapes
@@ -46,7 +46,8 @@ class Context:
     weights: str  # for width 1.0; narrower widths train from scratch
     export: ExportConfig
     deadline: float | None = None  # time.monotonic() by which the search ends (a trial's export included)
-    judge_s: float = 0.0  # the longest export + parity + latency of a trial so far: kept free before the deadline
+    judge_s: float = 0.0  # the longest time from a trial's last epoch to its verdict: kept free before the deadline
+    last_epoch_end: float = 0.0  # time.monotonic() at the end of the latest epoch
     done: list[dict[str, Any]] = field(default_factory=list)  # this process's trial records, in order
     train_images: int = 0
     batch_size: int = 32
@@ -91,7 +92,7 @@ class Objective:
             raise
         except TrainingDiverged as exc:
             return self._finish(trial, record, started, "diverged", exc.message)
-        except ExportError as exc:
+        except (ExportError, RunLocked) as exc:  # RunLocked: another process works in this trial's folder
             return self._finish(trial, record, started, "failed", exc.message)
         return value
 
@@ -121,7 +122,8 @@ class Objective:
                 self._finish(trial, record, started, "pruned", f"validation loss {row['val_loss']:.4f} after "
                              f"epoch {row['epoch']} is behind the other trials'")  # fmt: skip
                 raise optuna.TrialPruned(record["reason"])
-            if ctx.deadline is not None and time.monotonic() + ctx.judge_s > ctx.deadline:
+            ctx.last_epoch_end = time.monotonic()
+            if ctx.deadline is not None and ctx.last_epoch_end + ctx.judge_s > ctx.deadline:
                 record["stopped_by_time_budget"] = row["epoch"]
                 return True
             return False
@@ -133,14 +135,14 @@ class Objective:
         """Export with the parity gate; the trained int8 model's latency and size against the budget."""
         from edgetl.pipeline import export_and_check
 
-        ctx, judging = self.ctx, time.perf_counter()
+        ctx = self.ctx
         report = export_and_check(run_dir, ctx.export)
         int8 = report.parity.artifacts[INT8]
         record.update(int8_top1=int8["top1"], agreement=int8["agreement"], parity_passed=bool(int8["passed"]),
                       bytes=(run_dir / INT8).stat().st_size)  # fmt: skip
         host = host_latency(run_dir / INT8)
         record["latency"] = on_target(host, ctx.how)
-        record["judge_s"] = round(time.perf_counter() - judging, 1)
+        record["judge_s"] = round(time.monotonic() - ctx.last_epoch_end, 1)  # the run's outputs, export, parity
         ctx.judge_s = max(ctx.judge_s, record["judge_s"])
         if not int8["passed"]:
             return self._finish(trial, record, started, "parity-failed",
