@@ -50,11 +50,18 @@ def run_converter(job: ConverterJob, log_path: Path) -> dict[str, Any]:
     Raises:
         ExportError: the conversion failed (the last line of the log says why).
     """
-    job_path = Path(job.workdir) / "job.json"
-    job_path.write_text(job.to_json())
+    return run_converters([job], log_path)[-1]
+
+
+def run_converters(jobs: list[ConverterJob], log_path: Path) -> list[dict[str, Any]]:
+    """:func:`run_converter` for several jobs in one child process (TensorFlow starts once): their reports."""
+    job_paths = []
+    for job in jobs:
+        job_paths.append(str(Path(job.workdir) / "job.json"))
+        Path(job_paths[-1]).write_text(job.to_json())
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     with open(log_path, "a") as log_file:
-        proc = run_child([sys.executable, "-m", "edgetl.export.tflite_process", str(job_path)],
+        proc = run_child([sys.executable, "-m", "edgetl.export.tflite_process", *job_paths],
                          stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)  # fmt: skip
         log_file.write(proc.stdout)
     raise_if_interrupted()  # Ctrl-C reached the child too, or Python lost it while forking
@@ -64,5 +71,4 @@ def run_converter(job: ConverterJob, log_path: Path) -> dict[str, Any]:
             f"TFLite conversion failed (exit {proc.returncode}): {tail[0][:300]}",
             hint=f"the full log is in {log_path}",
         )
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
-    return json.loads(last)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")] or [{}]

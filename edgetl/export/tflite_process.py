@@ -188,7 +188,17 @@ def write_model(path: Path, model: bytes) -> None:
     path.write_bytes(compact(model))
 
 
-def main(job_path: str) -> int:
+def main(*job_paths: str) -> int:
+    """Run each job in turn (one TensorFlow start for several: a search's shape probes); each prints its
+    report line. Stops at the first job that fails."""
+    for job_path in job_paths:
+        code = _run_job(job_path)
+        if code:
+            return code
+    return 0
+
+
+def _run_job(job_path: str) -> int:
     from edgetl.export.convert import ConverterJob
 
     job = ConverterJob.from_json(Path(job_path).read_text())
@@ -249,4 +259,4 @@ def _convert(job: Any, workdir: Path, helper: Any) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

@@ -3,7 +3,7 @@ width and class count, converted to int8 exactly as ``edgetl export`` converts a
 size and tensor arena are the trained model's (weights do not change them, to a few bytes of metadata),
 and so is its latency (integer kernels take the same time whatever the weights).
 
-Each shape is probed once per search and kept in ``DIR/shapes/<size>x<width>/shape.json``.
+Every shape of a search is probed once, at its start, and kept in ``DIR/shapes/<size>x<width>/shape.json``.
 """
 
 from __future__ import annotations
@@ -59,84 +59,92 @@ def key(size: int, width: float) -> str:
 
 
 class Shapes:
-    """The probed cost of each (size, width) of a search, probed on first use."""
+    """The probed cost of each (size, width) of a search."""
 
     def __init__(self, out: Path, classes: list[str], how: LatencyOn, budget: Budget):
         self.root, self.classes, self.how, self.budget = out / "shapes", classes, how, budget
 
     def cost(self, size: int, width: float) -> dict[str, Any]:
         """The shape's bytes, arena (when the budget has one) and latency, with the budget's verdict."""
-        folder = self.root / key(size, width)
-        for _ in range(600):  # another process of the study may be probing it: wait for its result
-            if (folder / SHAPE).is_file():
-                return json.loads((folder / SHAPE).read_text())
+        return self.costs([(size, width)])[0]
+
+    def costs(self, shapes: list[tuple[int, float]]) -> list[dict[str, Any]]:
+        """:meth:`cost` of each shape; the ones not yet probed are probed together (TensorFlow starts once
+        for all their conversions; the latencies are then timed one after another, nothing else running).
+        Another process of the study probing at the same time is waited for."""
+        for _ in range(1200):
+            missing = [shape for shape in shapes if not (self._folder(*shape) / SHAPE).is_file()]
+            if not missing:
+                return [json.loads((self._folder(*shape) / SHAPE).read_text()) for shape in shapes]
             try:
-                with run_lock(folder, "search shape probe"):
-                    if not (folder / SHAPE).is_file():
-                        write_json(folder / SHAPE, self._probe(folder, size, width))
+                with run_lock(self.root, "search shape probe"):
+                    self._probe([shape for shape in missing if not (self._folder(*shape) / SHAPE).is_file()])
             except RunLocked:
-                time.sleep(1)
-        raise ConstraintViolated(f"waited 10 minutes for another process to probe {key(size, width)} in {folder}")
+                time.sleep(0.5)
+        raise ConstraintViolated(f"waited 10 minutes for another process to probe the shapes in {self.root}")
 
     def within_budget(self, sizes: tuple[int, ...], widths: tuple[float, ...]) -> list[tuple[int, float]]:
-        """The shapes within budget, probing from the smallest size of each width up until one is over
-        (a larger input never costs less). Raises :class:`ConstraintViolated` when none is."""
-        fits, smallest = [], None
-        for width in widths:
-            for size in sizes:
-                cost = self.cost(size, width)
-                if smallest is None or cost["latency"]["ms"] < smallest[2]["latency"]["ms"]:
-                    smallest = (size, width, cost)
-                if cost["over_budget"]:
-                    break
-                fits.append((size, width))
+        """The shapes within budget (all probed). Raises :class:`ConstraintViolated` when none is."""
+        shapes = [(size, width) for width in widths for size in sizes]
+        costs = self.costs(shapes)
+        fits = [shape for shape, cost in zip(shapes, costs, strict=True) if not cost["over_budget"]]
         if not fits:
-            size, width, cost = smallest
+            cost = min(costs, key=lambda c: c["latency"]["ms"])
             raise ConstraintViolated(
-                f"no candidate fits the budget: the cheapest, {size} px at width {width:g}, needs "
+                f"no candidate fits the budget: the cheapest, {cost['size']} px at width {cost['width']:g}, needs "
                 f"{'; '.join(cost['over_budget'])} ({self.how.describe()})",
                 hint="raise --max-latency-ms / --max-model-kb, or add smaller --sizes / --widths")  # fmt: skip
         return fits
 
-    def _probe(self, folder: Path, size: int, width: float) -> dict[str, Any]:
+    def _folder(self, size: int, width: float) -> Path:
+        return self.root / key(size, width)
+
+    def _probe(self, shapes: list[tuple[int, float]]) -> None:
+        if not shapes:
+            return
         started = time.perf_counter()
-        path = convert_untrained(folder, size, width, self.classes)
-        cost: dict[str, Any] = {"size": size, "width": width, "bytes": path.stat().st_size}
-        cost["latency"] = on_target(host_latency(path), self.how)
-        if self.budget.max_arena_bytes is not None:
-            from edgetl.package.tflm import check_model
+        folders = [self._folder(*shape) for shape in shapes]
+        paths = convert_untrained(folders, shapes, self.classes)
+        log.info("probed %d shape(s) in %.0f s", len(shapes), time.perf_counter() - started)
+        for (size, width), folder, path in zip(shapes, folders, paths, strict=True):
+            cost: dict[str, Any] = {"size": size, "width": width, "bytes": path.stat().st_size}
+            cost["latency"] = on_target(host_latency(path), self.how)
+            if self.budget.max_arena_bytes is not None:
+                from edgetl.package.tflm import check_model
 
-            pixels = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), np.uint8)
-            cost["arena_bytes"] = check_model(path, pixels, compare_litert=False).arena_bytes
-        cost["over_budget"] = self.budget.problems(cost)
-        cost["probe_s"] = round(time.perf_counter() - started, 2)
-        log.info("shape %s: %s kB, %.3g ms (%s)%s", key(size, width), f"{cost['bytes'] / 1000:,.0f}",
-                 cost["latency"]["ms"], cost["latency"]["how"],
-                 f": over budget ({'; '.join(cost['over_budget'])})" if cost["over_budget"] else "")  # fmt: skip
-        return cost
+                pixels = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), np.uint8)
+                cost["arena_bytes"] = check_model(path, pixels, compare_litert=False).arena_bytes
+            cost["over_budget"] = self.budget.problems(cost)
+            write_json(folder / SHAPE, cost)
+            log.info("shape %s: %s kB, %.3g ms (%s)%s", key(size, width), f"{cost['bytes'] / 1000:,.0f}",
+                     cost["latency"]["ms"], cost["latency"]["how"],
+                     f": over budget ({'; '.join(cost['over_budget'])})" if cost["over_budget"] else "")  # fmt: skip
 
 
-def convert_untrained(folder: Path, size: int, width: float, classes: list[str]) -> Path:
-    """``folder/model_int8.tflite``: an untrained model of the shape, through the export's converter."""
+def convert_untrained(folders: list[Path], shapes: list[tuple[int, float]], classes: list[str]) -> list[Path]:
+    """``folder/model_int8.tflite`` for each shape: an untrained model of that shape, through the export's
+    converter (one converter process for all)."""
     import torch
 
-    from edgetl.export.convert import ConverterJob, run_converter
+    from edgetl.export.convert import ConverterJob, run_converters
     from edgetl.export.tf_graph import save_graph
     from edgetl.export.tflite_process import GRAPH
     from edgetl.export.tool_metadata import ModelDescription, finish_for_tools
     from edgetl.train.model import EdgeClassifier
 
-    torch.manual_seed(0)
-    model = EdgeClassifier(len(classes), width).eval()
-    save_graph(model, size, folder / GRAPH)
-    calibration = np.random.default_rng(0).integers(0, 256, (CALIBRATION_IMAGES, size, size, 3), np.uint8)
-    np.save(folder / "calibration.npy", calibration)
-    job = ConverterJob(workdir=str(folder), graph=True, int8=True, calibration=str(folder / "calibration.npy"),
-                       calibration_workers=1)  # fmt: skip
-    run_converter(job, folder / "convert.log")
-    path = folder / "model_int8.tflite"
-    about = ModelDescription(f"probe {key(size, width)}", "an untrained model of this shape", "0", classes, size)
-    finish_for_tools(path, about, "uint8")
-    for leftover in (GRAPH, "calibration.npy", "model_float32.tflite", "job.json"):
-        (folder / leftover).unlink(missing_ok=True)
-    return path
+    jobs = []
+    for folder, (size, width) in zip(folders, shapes, strict=True):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        save_graph(EdgeClassifier(len(classes), width).eval(), size, folder / GRAPH)
+        pixels = np.random.default_rng(0).integers(0, 256, (CALIBRATION_IMAGES, size, size, 3), np.uint8)
+        np.save(folder / "calibration.npy", pixels)
+        jobs.append(ConverterJob(workdir=str(folder), graph=True, int8=True,
+                                 calibration=str(folder / "calibration.npy"), calibration_workers=1))  # fmt: skip
+    run_converters(jobs, folders[0].parent / "convert.log")
+    for folder, (size, width) in zip(folders, shapes, strict=True):
+        about = ModelDescription(f"probe {key(size, width)}", "an untrained model of this shape", "0", classes, size)
+        finish_for_tools(folder / "model_int8.tflite", about, "uint8")
+        for leftover in (GRAPH, "calibration.npy", "model_float32.tflite", "job.json"):
+            (folder / leftover).unlink(missing_ok=True)
+    return [folder / "model_int8.tflite" for folder in folders]
