@@ -201,6 +201,15 @@ def test_the_time_budget_finishes_the_trial_under_way_with_its_best_epoch(toy_da
     assert record["latency"]["how"] == "host" and record["latency"]["ms"] > 0
 
 
+def test_no_trial_starts_that_could_not_finish_an_epoch_in_time(toy_data, toy_target, tmp_path):
+    ctx = context(toy_data, toy_target, tmp_path, {"bytes": 1, "latency": {"ms": 0.1}})
+    assert ctx.room_for_a_trial()  # no time budget
+    ctx.deadline, ctx.epoch_s, ctx.judge_s = time.monotonic() + 10, 8.0, 5.0
+    assert not ctx.room_for_a_trial()  # an epoch and a verdict take 13 s, 10 are left
+    ctx.epoch_s = 2.0
+    assert ctx.room_for_a_trial()
+
+
 def test_a_shape_probe_measures_the_arena_when_the_budget_has_one(tmp_path):
     """A microcontroller's arena is known before training too: TFLite Micro runs the untrained model."""
     pytest.importorskip("tflite_micro", reason="needs the mcu extra")

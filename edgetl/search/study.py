@@ -250,7 +250,12 @@ def _optimize(study: Any, ctx: Context, trials: int, after_trial: Any, progress:
         log.warning("the time budget was spent before a trial could start (probing the shapes)")
         return
     enough = optuna.study.MaxTrialsCallback(trials, states=_counted())
-    study.optimize(Objective(ctx), n_trials=left, timeout=timeout, callbacks=[enough, after_trial],
+
+    def in_time(study: Any, _: Any) -> None:  # no trial starts that could not finish an epoch in time
+        if not ctx.room_for_a_trial():
+            study.stop()
+
+    study.optimize(Objective(ctx), n_trials=left, timeout=timeout, callbacks=[enough, after_trial, in_time],
                    show_progress_bar=progress)  # fmt: skip
 
 

@@ -47,7 +47,12 @@ class Context:
     export: ExportConfig
     deadline: float | None = None  # time.monotonic() by which the search ends (a trial's export included)
     judge_s: float = 0.0  # the longest time from a trial's last epoch to its verdict: kept free before the deadline
-    last_epoch_end: float = 0.0  # time.monotonic() at the end of the latest epoch
+    last_epoch_end: float = 0.0  # time.monotonic() at the end of the latest epoch (or the start of a trial)
+    epoch_s: float = 0.0  # the longest epoch so far (a trial's first: with its decoding and set-up)
+
+    def room_for_a_trial(self) -> bool:
+        """Whether the time budget leaves room for one more epoch and its verdict."""
+        return self.deadline is None or time.monotonic() + self.epoch_s + self.judge_s <= self.deadline
     done: list[dict[str, Any]] = field(default_factory=list)  # this process's trial records, in order
     train_images: int = 0
     batch_size: int = 32
@@ -122,13 +127,15 @@ class Objective:
                 self._finish(trial, record, started, "pruned", f"validation loss {row['val_loss']:.4f} after "
                              f"epoch {row['epoch']} is behind the other trials'")  # fmt: skip
                 raise optuna.TrialPruned(record["reason"])
-            ctx.last_epoch_end = time.monotonic()
+            now = time.monotonic()
+            ctx.epoch_s, ctx.last_epoch_end = max(ctx.epoch_s, now - ctx.last_epoch_end), now
             if ctx.deadline is not None and ctx.last_epoch_end + ctx.judge_s > ctx.deadline:
                 record["stopped_by_time_budget"] = row["epoch"]
                 return True
             return False
 
         resume = (run_dir / STATE_PATH).is_file()  # an interrupted trial, continued (or re-judged)
+        ctx.last_epoch_end = time.monotonic()
         return finetune(ctx.data, run_dir, cfg, resume=resume, on_epoch=after_epoch)
 
     def _judge(self, trial: Any, run_dir: Path, record: dict[str, Any], started: float) -> float:
