@@ -225,7 +225,10 @@ def search_summary(result: Any) -> str:
              f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); {len(result.ran)} run by this process",
              f"latency: {summary['latency_on']['how']}"]  # fmt: skip
     best = result.best
-    if best is None:
+    if best is None and result.running_elsewhere:
+        lines.append(f"no trial has produced an int8 model within budget yet; {result.running_elsewhere} trial(s) "
+                     f"still run in other processes: search.json and best/ follow when they finish")  # fmt: skip
+    elif best is None:
         lines.append("no trial produced an int8 model within budget that passed parity (exit 4)")
     else:
         p, latency = best["params"], best["latency"]

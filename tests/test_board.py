@@ -150,7 +150,8 @@ def test_search_measures_latency_on_the_board(board, toy_data, tmp_path):
     pytest.importorskip("optuna", reason="needs the train extra (optuna)")
     target = pi_target(tmp_path)
     out = tmp_path / "search"
-    done = cli("search", str(toy_data), "--out", str(out), "--target", target, "--sizes", "64", "--widths", "0.35",
+    data = shutil.copytree(toy_data, tmp_path / "data")  # its own image-cache entries (64 px), not the toy run's
+    done = cli("search", str(data), "--out", str(out), "--target", target, "--sizes", "64", "--widths", "0.35",
                "--weights", "none", "--head-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16",
                "--trials", "1", "--latency-on", "ssh:board", "--json")  # fmt: skip
     assert done.exit_code in (0, 4), done.output

@@ -47,7 +47,8 @@ def load_target_text(name: str) -> str:
         (('mode = "int8"', 'mode = "float32"'), "does not match artifact", None),
         (("[device]", '[compile]\ntool = "velaa"\n\n[device]'), "compile tool must be one of", None),
         (("[device]", "[compile]\nmax_cpu_ops = -1\n\n[device]"), "max_cpu_ops must be >= 0", None),
-        (('[input]\nsize = 224\ndtype = "uint8"\nlayout = "NHWC"\n', ""), None, None),
+        (('[input]\nsize = 224\nsizes = [96, 128, 160, 192, 224]   # any side runs on a CPU: what `edgetl search` '
+          'tries\ndtype = "uint8"\nlayout = "NHWC"\n', ""), None, None),
     ],
 )
 def test_bad_target_files_are_clear_errors(tmp_path, replace, message, hint):

@@ -103,8 +103,9 @@ def check_constraints(manifest: dict[str, Any], artifact: str, target: Target, s
     shape = spec["input"]["shape"]
     side = shape[2] if target.input.layout == "NCHW" else shape[1]
     if side not in target.input.accepted:
-        need = " or ".join(f"{n}x{n}" for n in target.input.accepted)
-        problems.append(f"model input is {side}x{side}, the target needs {need}")
+        need, other = target.input.size, [n for n in target.input.accepted if n != target.input.size]
+        also = f" (or {', '.join(f'{n}x{n}' for n in other)})" if other else ""
+        problems.append(f"model input is {side}x{side}, the target needs {need}x{need}{also}")
     if spec["input"]["dtype"] != target.input.dtype:
         problems.append(f"model input dtype is {spec['input']['dtype']}, the target needs {target.input.dtype}")
     if target.precision == "int8" and spec["output"]["dtype"] != target.quantization.output_dtype:

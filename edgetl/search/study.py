@@ -47,13 +47,20 @@ class SearchResult:
         return next(r for r in self.summary["trials"] if r["number"] == best["number"])
 
     @property
+    def running_elsewhere(self) -> int:
+        """Trials of the study other processes were still running when this one finished."""
+        return sum(r["status"] == "running" for r in self.summary["trials"])
+
+    @property
     def exit_code(self) -> ExitCode:
-        return ExitCode.OK if self.best is not None else ExitCode.CONSTRAINT_VIOLATED
+        """4 when the study has no winner and no trial left under way that could still give one."""
+        return ExitCode.OK if self.best is not None or self.running_elsewhere else ExitCode.CONSTRAINT_VIOLATED
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "best": self.best, "best_dir": str(self.out / "best") if self.best else None,
                 "pareto": self.summary["pareto"], "trials": len(self.summary["trials"]),
-                "trials_this_process": len(self.ran), "search_json": str(self.out / "search.json"),
+                "trials_this_process": len(self.ran), "running_elsewhere": self.running_elsewhere,
+                "search_json": str(self.out / "search.json"),
                 "report": str(self.out / "report.html")}  # fmt: skip
 
 
