@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ _held_locks: dict[Path, int] = {}  # folders this process holds the lock of, and
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+def run_lock(folder: str | os.PathLike, command: str, wait: float = 0) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if needed) while a command writes into it.
 
     A second edgetl process that wants the same folder is refused at once instead of interleaving
@@ -76,11 +77,11 @@ def run_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     SIGKILL, so a crashed run never leaves a stale lock behind. Inside the lock, temporary files that
     a killed writer left (``.NAME.*.tmp``) are removed: nobody else can be writing them.
 
-    Raises:
-        RunLocked: another process holds the lock (its command and pid are named).
-    """
-    import fcntl
+    ``wait``: seconds to wait for another holder to let go first (0: refuse at once).
 
+    Raises:
+        RunLocked: another process holds the lock (its command and pid are named), after ``wait``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
@@ -94,12 +95,13 @@ def run_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            hint = "wait for it to finish; two commands never write one folder at once"
-            raise RunLocked(f"{folder} is in use by {holder}", hint=hint) from None
+        deadline = time.monotonic() + wait
+        while not _try_flock(fd):
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                hint = "wait for it to finish; two commands never write one folder at once"
+                raise RunLocked(f"{folder} is in use by {holder}", hint=hint)
+            time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"edgetl {command} (pid {os.getpid()})\n".encode(), 0)
         sweep_temporaries(folder)
@@ -110,6 +112,16 @@ def run_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
             del _held_locks[key]
     finally:
         os.close(fd)  # releases the flock
+
+
+def _try_flock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:

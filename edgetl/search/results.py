@@ -7,11 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from edgetl.errors import RunLocked
 from edgetl.rundir import MANIFEST_NAME, run_lock, write_json
 
 log = logging.getLogger(__name__)
@@ -67,23 +65,18 @@ def publish(out: Path, study: Any, settings: dict[str, Any], seconds: float) -> 
     content. Another process of the study publishing at the same moment is waited for."""
     from edgetl.search.page import write_page
 
-    for _ in range(120):
-        try:
-            with run_lock(out / PUBLISH_LOCK, "search publish"):  # not DIR itself: its lock sweeps temporaries below
-                rows = trial_rows(study)
-                best = winner(rows)
-                summary = {"schema_version": SCHEMA_VERSION, "kind": "edgetl-search", **settings,
-                           "trials": rows, "pareto": pareto_front(rows),
-                           "best": None if best is None else {"number": best["number"], "run_dir": BEST},
-                           "seconds_this_process": round(seconds, 1)}  # fmt: skip
-                if best is not None:
-                    _install_best(out, out / best["run_dir"])
-                write_json(out / SEARCH_JSON, summary)
-                write_page(out, summary)
-                return summary
-        except RunLocked:
-            time.sleep(0.5)
-    raise RunLocked(f"{out} stayed locked by another process for a minute")
+    with run_lock(out / PUBLISH_LOCK, "search publish", wait=60):  # not DIR itself: its lock sweeps temporaries below
+        rows = trial_rows(study)
+        best = winner(rows)
+        summary = {"schema_version": SCHEMA_VERSION, "kind": "edgetl-search", **settings,
+                   "trials": rows, "pareto": pareto_front(rows),
+                   "best": None if best is None else {"number": best["number"], "run_dir": BEST},
+                   "seconds_this_process": round(seconds, 1)}  # fmt: skip
+        if best is not None:
+            _install_best(out, out / best["run_dir"])
+        write_json(out / SEARCH_JSON, summary)
+        write_page(out, summary)
+        return summary
 
 
 def _install_best(out: Path, source: Path) -> None:

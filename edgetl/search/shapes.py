@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.errors import ConstraintViolated, RunLocked
+from edgetl.errors import ConstraintViolated
 from edgetl.rundir import run_lock, write_json
 from edgetl.search.latency import LatencyOn, host_latency, on_target
 
@@ -72,16 +72,10 @@ class Shapes:
         """:meth:`cost` of each shape; the ones not yet probed are probed together (TensorFlow starts once
         for all their conversions; the latencies are then timed one after another, nothing else running).
         Another process of the study probing at the same time is waited for."""
-        for _ in range(1200):
-            missing = [shape for shape in shapes if not (self._folder(*shape) / SHAPE).is_file()]
-            if not missing:
-                return [json.loads((self._folder(*shape) / SHAPE).read_text()) for shape in shapes]
-            try:
-                with run_lock(self.root, "search shape probe"):
-                    self._probe([shape for shape in missing if not (self._folder(*shape) / SHAPE).is_file()])
-            except RunLocked:
-                time.sleep(0.5)
-        raise ConstraintViolated(f"waited 10 minutes for another process to probe the shapes in {self.root}")
+        if any(not (self._folder(*shape) / SHAPE).is_file() for shape in shapes):
+            with run_lock(self.root, "search shape probe", wait=600):
+                self._probe([shape for shape in shapes if not (self._folder(*shape) / SHAPE).is_file()])
+        return [json.loads((self._folder(*shape) / SHAPE).read_text()) for shape in shapes]
 
     def within_budget(self, sizes: tuple[int, ...], widths: tuple[float, ...]) -> list[tuple[int, float]]:
         """The shapes within budget (all probed). Raises :class:`ConstraintViolated` when none is."""

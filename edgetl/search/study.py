@@ -149,13 +149,8 @@ def requeue_unfinished(study: Any, out: Path) -> list[int]:
 def _requeue_once(study: Any, out: Path) -> list[int]:
     """:func:`requeue_unfinished` by one process at a time: two processes resuming together would both
     queue the same interrupted trial."""
-    for _ in range(120):
-        try:
-            with run_lock(out / REQUEUE_LOCK, "search resume"):
-                return requeue_unfinished(study, out)
-        except RunLocked:
-            time.sleep(0.5)
-    raise RunLocked(f"{out / REQUEUE_LOCK} stayed locked by another process for a minute")
+    with run_lock(out / REQUEUE_LOCK, "search resume", wait=60):
+        return requeue_unfinished(study, out)
 
 
 def _dead(trial: Any, out: Path) -> bool:
