@@ -35,7 +35,8 @@ def check_keys(given: dict[str, Any], valid: set[str], where: str) -> None:
         raise ConfigError(f"unknown key {key!r} in {where}", hint=hint)
 
 
-STRATEGIES = ("feature-extraction", "partial", "full", "auto")
+STRATEGIES = ("feature-extraction", "partial", "full", "whole", "auto")
+RACE = ("feature-extraction", "whole")  # what "auto" races, cheapest first (edgetl.train.strategy)
 PLACEMENTS = ("auto", "device", "stream")  # edgetl.train.batches
 
 
@@ -56,9 +57,11 @@ class FinetuneConfig:
     finetune_lr: float | None = None  # head LR in phase 2; None = lr / 10
     # How much of the backbone phase 2 trains (edgetl.train.strategy): "feature-extraction" (the head only),
     # "partial" (features[unfreeze_from:] at backbone_lr_mult), "full" (every block, layer-wise rates,
-    # thawed top-down), or "auto" (feature extraction and full race the first probe_epochs of phase 2 from
+    # thawed top-down), "whole" (every block at the head's rate from the first phase-2 epoch), or "auto"
+    # (the strategies of `race`, feature extraction and whole, run the first probe_epochs of phase 2 from
     # the head-phase weights; the winner continues from where its lane stopped)
     strategy: str = "auto"
+    race: tuple[str, ...] = RACE  # "auto": the strategies raced, cheapest first
     backbone_lr_mult: float = 0.1  # "partial": backbone LR = phase-2 head LR x this
     unfreeze_from: int | None = None  # "partial": index into `features`; None = the last third; 0 = all
     layer_decay: float = 0.9  # "full": each features block's LR = the next (higher) block's x this; the head's is 1
@@ -108,6 +111,10 @@ class FinetuneConfig:
             raise bad("data_placement", f"expected one of {', '.join(PLACEMENTS)}")
         if self.strategy not in STRATEGIES:
             raise bad("strategy", f"expected one of {', '.join(STRATEGIES)}")
+        object.__setattr__(self, "race", tuple(self.race))  # a list when read back from JSON
+        fixed = STRATEGIES[:-1]
+        if not self.race or any(name not in fixed for name in self.race) or len(set(self.race)) < len(self.race):
+            raise bad("race", f"expected distinct strategies among {', '.join(fixed)}")
         if not 0 < self.layer_decay <= 1:
             raise bad("layer_decay", "expected 0 < value <= 1")
         for name in ("unfreeze_epochs", "probe_epochs"):
@@ -147,7 +154,7 @@ class FinetuneConfig:
         return cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "race": list(self.race)}  # as JSON holds it
 
 
 @dataclass(frozen=True)

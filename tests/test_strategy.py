@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import TOY_CONFIG
 
-from edgetl.config import FinetuneConfig
+from edgetl.config import RACE, FinetuneConfig
+from edgetl.errors import ConfigError
 from edgetl.train import finetune as train_module
 from edgetl.train.model import EdgeClassifier
 from edgetl.train.optim import build_optimizer
-from edgetl.train.strategy import RACE, choose, first_trainable
+from edgetl.train.strategy import choose, first_trainable
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,25 @@ def test_layer_wise_rates_follow_the_formula():
     for index in range(blocks):
         assert rates[f"features.{index}"] == pytest.approx(cfg.phase2_head_lr * 0.5 ** (blocks - index))
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_whole_trains_every_block_at_the_heads_rate():
+    model = EdgeClassifier(3, 0.35)
+    cfg = toy(strategy="whole", lr=1e-2)
+    optimizer, _ = build_optimizer(model, cfg, 2, 0, steps_per_epoch=4, strategy="whole")
+    rates = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    assert rates == {"head": pytest.approx(1e-3), "backbone": pytest.approx(1e-3)}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert [first_trainable("whole", cfg, model, e) for e in range(3)] == [0, 0, 0]
+
+
+def test_the_race_is_configurable_and_checked():
+    assert toy().race == RACE == ("feature-extraction", "whole")
+    assert toy(race=["feature-extraction", "whole"]).race == ("feature-extraction", "whole")  # as JSON reads back
+    assert toy(race=("full",)).to_dict()["race"] == ["full"]
+    for bad in ((), ("auto",), ("full", "full"), ("everything",)):
+        with pytest.raises(ConfigError, match="invalid race"):
+            toy(race=bad)
 
 
 def test_first_trainable_block_per_strategy():
@@ -89,15 +109,18 @@ def test_auto_records_its_evidence(toy_data, tmp_path):
 
 
 def test_the_race_runs_each_lane_as_its_own_run_would(toy_data, tmp_path, monkeypatch):
-    """Feature extraction's two epochs (no backbone block), then full's two (thawing top-down), then the
-    winner continues: the epochs of the run are the winner's, not repeated."""
+    """Raced three ways: feature extraction's two epochs (no backbone block), then full's two (thawing top-down),
+    whole's two (every block), then the winner continues: the epochs of the run are the winner's, not repeated."""
     seen = _record_trainable(monkeypatch)
-    train_module.finetune(toy_data, tmp_path / "r", toy(strategy="auto", unfreeze_epochs=3))
+    race = ("feature-extraction", "full", "whole")
+    train_module.finetune(toy_data, tmp_path / "r", toy(strategy="auto", unfreeze_epochs=3, race=race))
     used = json.loads((tmp_path / "r" / "metrics.json").read_text())["strategy"]["used"]
     blocks = 19
     full = [list(range(blocks - 7, blocks)), list(range(blocks - 13, blocks)), list(range(blocks))]
     fe = [[], [], []]
-    assert seen == [[], *fe[:2], *full[:2], (full if used == "full" else fe)[2]]
+    whole = [list(range(blocks))] * 3
+    lanes = {"feature-extraction": fe, "full": full, "whole": whole}
+    assert seen == [[], *fe[:2], *full[:2], *whole[:2], lanes[used][2]]
     rows = (tmp_path / "r" / "history.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in rows] == ["1", "2", "3", "4"]  # one row per epoch of the run
 
@@ -154,14 +177,26 @@ def test_resume_in_the_middle_of_phase_2_gives_the_uninterrupted_model(toy_data,
         assert evidence["val_acc"] == split_choice["candidates"][name]["val_acc"]
 
 
-def test_choose_prefers_the_cheaper_within_the_tolerance():
+def test_choose_prefers_feature_extraction_within_the_tolerance():
     evidence = {"feature-extraction": {"val_loss": 0.303, "val_acc": 0.90, "epochs": 2},
-                "full": {"val_loss": 0.300, "val_acc": 0.91, "epochs": 2}}  # fmt: skip
+                "full": {"val_loss": 0.300, "val_acc": 0.91, "epochs": 2},
+                "whole": {"val_loss": 0.350, "val_acc": 0.91, "epochs": 2}}  # fmt: skip
     chosen, reason = choose(evidence, 100)  # 1 % worse: within the 2 % tolerance
-    assert chosen == "feature-extraction" and "cheapest within 2 % of the best" in reason
+    assert chosen == "feature-extraction" and "within 2 % of the best (full) and the cheapest" in reason
     evidence["feature-extraction"]["val_loss"] = 0.31  # 3.3 % worse
     assert choose(evidence, 100)[0] == "full"
     evidence["feature-extraction"]["val_loss"] = 0.25  # better outright
     chosen, reason = choose(evidence, 100)
     assert chosen == "feature-extraction" and "feature-extraction is the best" in reason
     assert "after 2 phase-2 epoch(s) each on 100 images" in reason and "0.250 (90.0 %)" in reason
+
+
+def test_choose_takes_the_lowest_loss_among_the_backbone_lanes():
+    """No tolerance between full and whole: they cost about the same, the lower loss wins (issue #30)."""
+    evidence = {"feature-extraction": {"val_loss": 0.50, "val_acc": 0.80, "epochs": 2},
+                "full": {"val_loss": 0.300, "val_acc": 0.90, "epochs": 2},
+                "whole": {"val_loss": 0.297, "val_acc": 0.90, "epochs": 2}}  # fmt: skip
+    chosen, reason = choose(evidence, 100)
+    assert chosen == "whole" and reason.endswith("whole is the best")
+    del evidence["whole"]
+    assert choose(evidence, 100)[0] == "full"

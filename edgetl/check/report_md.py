@@ -32,7 +32,7 @@ def next_steps(run_dir: str | os.PathLike, int8: dict[str, Any]) -> list[str]:
     stage = read_manifest(Path(run_dir))["stages"].get("finetune", {})
     config = stage.get("config", {})
     strategy = (stage.get("strategy") or {}).get("used") or config.get("strategy", "partial")
-    whole = strategy == "full" or (strategy == "partial" and config.get("unfreeze_from") == 0
+    whole = strategy in ("full", "whole") or (strategy == "partial" and config.get("unfreeze_from") == 0
                                    and config.get("backbone_lr_mult", 1.0) >= 1.0)  # fmt: skip
     partial = not whole
     if ties.get("disagreements_within") and not ties.get("disagreements_outside") and partial:

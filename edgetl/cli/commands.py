@@ -107,11 +107,13 @@ def load_target(name: str) -> Any:
 @click.option("--image-size", type=int, default=None, help="Square input side in pixels [224].")
 @click.option("--head-epochs", type=int, default=None, help="Phase 1 epochs, backbone frozen [5].")
 @click.option("--finetune-epochs", type=int, default=None, help="Phase 2 epochs, unfrozen [10].")
-@click.option("--strategy", type=click.Choice(["auto", "feature-extraction", "partial", "full"]), default=None,
+@click.option("--strategy", type=click.Choice(["auto", "feature-extraction", "partial", "full", "whole"]),
+              default=None,
               help="How much of the backbone phase 2 trains: the head only, the last third (partial), every block "
-                   "with layer-wise rates thawed top-down (full), or auto: feature extraction and full race the "
-                   "first --probe-epochs of phase 2 on the validation split and the winner continues "
-                   "[auto; partial whenever --unfreeze-from or --backbone-lr-mult is given].")
+                   "with layer-wise rates thawed top-down (full), every block at the head's rate (whole), or auto: "
+                   "feature extraction and whole race the first --probe-epochs of phase 2 on the validation split "
+                   "and the winner continues [auto; partial whenever --unfreeze-from or --backbone-lr-mult is "
+                   "given, full whenever --layer-decay or --unfreeze-epochs is].")
 @click.option("--unfreeze-from", type=int, default=None,
               help="partial: first `features` block trained in phase 2 [last third]; 0 = all.")
 @click.option("--lr", type=POSITIVE, default=None, help="Head learning rate in phase 1 [1e-3].")
@@ -162,9 +164,11 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
 
     if options["weights"] is None and not resume:
         options["weights"] = os.environ.get(WEIGHTS_ENV) or None
-    if options["strategy"] is None and not resume and (options["unfreeze_from"] is not None
-                                                        or options["backbone_lr_mult"] is not None):
-        options["strategy"] = "partial"  # the user chose how much of the backbone trains
+    if options["strategy"] is None and not resume:  # an option of one strategy chooses it
+        if options["unfreeze_from"] is not None or options["backbone_lr_mult"] is not None:
+            options["strategy"] = "partial"
+        elif options["layer_decay"] is not None or options["unfreeze_epochs"] is not None:
+            options["strategy"] = "full"
     refuse_ignored_options(options)
     from_target = finetune_layer(load_target(target)) if target is not None else {}
     # Precedence, highest on the right: defaults < target file < flags.
@@ -176,9 +180,9 @@ def finetune(data: str, run_dir: str, resume: bool, target: str | None, as_json:
     finish(as_json, result, _render().finetune_summary(result))
 
 
-# The strategies each strategy-specific option is used by (edgetl.train.strategy; auto races full).
-STRATEGY_OPTIONS = {"unfreeze_from": ("partial",), "backbone_lr_mult": ("partial",), "layer_decay": ("full", "auto"),
-                    "unfreeze_epochs": ("full", "auto"), "probe_epochs": ("auto",)}  # fmt: skip
+# The strategies each strategy-specific option is used by (edgetl.train.strategy).
+STRATEGY_OPTIONS = {"unfreeze_from": ("partial",), "backbone_lr_mult": ("partial",), "layer_decay": ("full",),
+                    "unfreeze_epochs": ("full",), "probe_epochs": ("auto",)}  # fmt: skip
 
 
 def refuse_ignored_options(options: dict[str, Any]) -> None:

@@ -41,13 +41,16 @@ def param_groups(model: EdgeClassifier, cfg: FinetuneConfig, strategy: str, head
                  unfreeze_from: int) -> list[dict[str, Any]]:  # fmt: skip
     """Phase 2's parameter groups and learning rates (:mod:`edgetl.train.strategy`): the head at
     ``head_lr``; for "partial" one group of ``features[unfreeze_from:]`` at ``head_lr x backbone_lr_mult``;
-    for "full" one group per block, block ``i`` of ``n`` at ``head_lr x layer_decay ** (n - i)``;
-    "feature-extraction" the head alone."""
+    for "full" one group per block, block ``i`` of ``n`` at ``head_lr x layer_decay ** (n - i)``; for
+    "whole" one group of every block at ``head_lr``; "feature-extraction" the head alone."""
     groups = [{"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
     if strategy == "partial":
         backbone = [p for block in model.features[unfreeze_from:] for p in block.parameters()]
         if backbone:
             groups.append({"params": backbone, "lr": head_lr * cfg.backbone_lr_mult, "name": "backbone"})
+    elif strategy == "whole":
+        backbone = [p for p in model.features.parameters()]
+        groups.append({"params": backbone, "lr": head_lr, "name": "backbone"})
     elif strategy == "full":
         blocks = len(model.features)
         for index, block in enumerate(model.features):
