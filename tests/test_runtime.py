@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from edgetl.runtime import app
+from edgetl.runtime import app, bench
 from edgetl.runtime.sources import LatestFrameReader, SourceError
 
 CORAL = SHARED / "models" / "coral_mobilenet_v2"
@@ -212,11 +215,63 @@ def test_runtime_agrees_with_the_parity_check(bundle_dir, exported_run, capsys):
 
 def test_bench_reports_invoke_and_frame_latency_per_thread_count(bundle_dir, capsys):
     code = app.main(["bench", str(bundle_dir), "--threads", "1,2", "--runs", "5", "--json"])
-    result = json.loads(capsys.readouterr().out)
-    assert code == 0 and [r["threads"] for r in result["results"]] == [1, 2]
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert code == 0 and [r["threads"] for r in result["results"]] == [1, 2] and result["interleaved"]
     for row in result["results"]:
         assert 0 < row["invoke_ms_median"] <= row["frame_ms_median"]
         assert row["invoke_ms_p90"] >= row["invoke_ms_median"]
+    load = result["host_load"]
+    assert load["seconds"] > 0 and load["cores"] >= 1 and isinstance(load["busy"], bool)
+    assert (result["warning"] is not None) == ("warning: host busy" in captured.err)
+
+
+def test_bench_times_several_bundles_together(bundle_dir, tmp_path, capsys):
+    other = tmp_path / "copy"
+    shutil.copytree(bundle_dir, other)
+    code = app.main(["bench", str(bundle_dir), str(other), "--threads", "1,2", "--runs", "3", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["models"] == [str(bundle_dir), str(other)]
+    assert [(r["model"], r["threads"]) for r in result["results"]] == [
+        (str(bundle_dir), 1), (str(bundle_dir), 2), (str(other), 1), (str(other), 2)]
+    code = app.main(["bench", str(bundle_dir), str(other), "--threads", "1", "--runs", "2"])
+    table = capsys.readouterr().out
+    assert code == 0 and table.count(str(other)) == 1 and table.splitlines()[0].startswith("model")
+
+
+def test_interleaved_timing_runs_every_call_once_per_round_in_a_rotating_order():
+    seen = []
+    calls = {name: (lambda name=name: seen.append(name)) for name in "abc"}
+    stats = bench.interleaved_latency(calls, runs=3, warmup=1)
+    assert "".join(seen) == "abc" + "abc" + "bca" + "cab"
+    assert all(s["runs"] == 3 and len(s["samples"]) == 3 for s in stats.values())
+    assert "samples" not in bench.call_latency(lambda: None, runs=2, warmup=0)
+
+
+def test_the_paired_ratio_and_the_spread_warning():
+    base, fast = {"samples": [2.0, 40.0, 6.0], "median_ms": 6.0}, {"samples": [1.0, 20.0, 3.0], "median_ms": 3.0}
+    assert bench.paired_ratio(base, fast) == 2.0  # the loaded round slowed both alike
+    assert bench.paired_ratio({"median_ms": 6.0}, {"median_ms": 2.0}) == 3.0
+    assert bench.spread_warning({"x": {"median_ms": 1.0, "p90_ms": 1.2}}) is None
+    assert bench.spread_warning({"x": {"median_ms": 1.0, "p90_ms": 2.0}}) == "p90 2.0x the median (x)"
+
+
+def test_host_load_counts_other_processes_not_this_one():
+    spin_until = time.monotonic() + 0.5
+    with bench.HostLoad() as own:
+        while time.monotonic() < spin_until:  # this process's own work is not load
+            pass
+    assert own.other_cores is not None and own.other_cores < 0.5
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        with bench.HostLoad() as loaded:
+            time.sleep(1.0)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert loaded.other_cores > 0.5 and loaded.busy and "other processes used" in loaded.reason
+    assert "host busy: other processes used" in bench.timing_warning(loaded, {})
 
 
 def _labelled_val_folder(run_dir, dest):

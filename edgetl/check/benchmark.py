@@ -3,8 +3,11 @@
 Per model (the PyTorch float model, ONNX through onnxruntime, each TFLite file through LiteRT, and the
 accelerator models of the run's bundles, whose speed is the compiler's estimate): file size, top-1 on
 the held-out images, top-1 agreement with the float model, and single-image latency (median and p90
-of ``runs`` timed calls after 5 warm-up calls, per thread count). The speed-up is against the TFLite
-float32 model at the same thread count (the float model a device would run), else PyTorch.
+of ``runs`` timed calls after 5 warm-up calls, per thread count). The models are timed interleaved
+(:func:`edgetl.runtime.bench.interleaved_latency`: round after round, each model once), so a load that
+comes and goes meets them alike; the speed-up against the TFLite float32 model at the same thread count
+(the float model a device would run; else PyTorch) is the median of the per-round ratios. When the host
+was busy meanwhile or the timings scattered, the report says so (:class:`~edgetl.runtime.bench.HostLoad`).
 
 Writes ``benchmark.json`` and ``benchmark.md`` into the run (read by ``report.html``).
 """
@@ -78,19 +81,13 @@ def benchmark(run_dir: str | os.PathLike, threads: list[int], data: str | os.Pat
                                  {k: description[k] for k in ("source", "count") if k in description})  # fmt: skip
         sample = split.images[:1]
         for name in names:
-            log.info("benchmarking %s", name)
-            if name == MODEL:
-                logits, latency = reference, _torch_latency(inference_copy(model), sample, threads, runs)
-                kind = ("pytorch", "float32")
-            else:
-                logits, latency = runner_for(run_dir / name)(split.images), _file_latency(run_dir / name, sample,
-                                                                                           threads, runs)  # fmt: skip
-                kind = ARTIFACTS[name]
+            logits = reference if name == MODEL else runner_for(run_dir / name)(split.images)
+            kind = ("pytorch", "float32") if name == MODEL else ARTIFACTS[name]
             accuracy = {"top1": top1(logits, split.labels), "agreement": agreement(logits, reference)}
             report.rows.append({"artifact": name, "format": kind[0], "precision": kind[1],
-                                "bytes": manifest["files"][name]["size"], "latency_ms": latency, **accuracy})
+                                "bytes": manifest["files"][name]["size"], **accuracy})  # fmt: skip
+        _time_interleaved(report, run_dir, names, inference_copy(model), sample)
         report.rows += _accelerator_estimates(run_dir)
-        _speedups(report)
         report.devices = device_results(manifest)
         write_json(run_dir / "benchmark.json", report.to_dict())
         atomic_write(run_dir / "benchmark.md", benchmark_markdown(report))
@@ -131,39 +128,71 @@ def host_description() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def _timed(call: Any, runs: int) -> dict[str, float]:
-    from edgetl.runtime.bench import call_latency
+def _time_interleaved(report: BenchmarkReport, run_dir: Path, names: list[str], model: Any,
+                      sample: np.ndarray) -> None:  # fmt: skip
+    """Every model's latency per thread count, timed round-robin; the speed-ups; the host's load."""
+    from edgetl.runtime.bench import HostLoad, interleaved_latency, paired_ratio, timing_warning
 
-    timed = call_latency(call, runs, WARMUP)
-    return {"median": timed["median_ms"], "p90": timed["p90_ms"]}
+    rows = {row["artifact"]: row for row in report.rows}
+    base = "model_float32.tflite" if "model_float32.tflite" in names else MODEL
+    report.data["speedup_baseline"] = base
+    spread: dict[str, dict] = {}
+    with HostLoad() as load:
+        for count in report.threads:
+            log.info("timing %d model(s) interleaved, %d thread(s)", len(names), count)
+            with _torch_threads(count):
+                timed = interleaved_latency(_calls(run_dir, names, model, sample, count), report.runs, WARMUP)
+            for name, stats in timed.items():
+                rows[name].setdefault("latency_ms", {})[str(count)] = {"median": stats["median_ms"],
+                                                                       "p90": stats["p90_ms"]}  # fmt: skip
+                rows[name].setdefault("speedup", {})[str(count)] = paired_ratio(timed[base], stats)
+                spread[f"{name}, {count} thread(s)"] = stats
+    report.data["host_load"] = load.to_dict()
+    report.data["warning"] = timing_warning(load, spread)
+    if report.data["warning"]:
+        log.warning("%s", report.data["warning"])
 
 
-def _torch_latency(model: Any, sample: np.ndarray, threads: list[int], runs: int) -> dict[str, dict[str, float]]:
+def _calls(run_dir: Path, names: list[str], model: Any, sample: np.ndarray, threads: int) -> dict[str, Any]:
+    """One call per model: a single-image inference at ``threads`` threads."""
     import torch
 
+    from edgetl.runtime.model import open_model
     from edgetl.train.augment import to_model_input
 
-    pixels = to_model_input(torch.from_numpy(sample)).contiguous(memory_format=torch.channels_last)
-    before, latency = torch.get_num_threads(), {}
-    try:
-        for count in threads:
-            torch.set_num_threads(count)
-            with torch.inference_mode():
-                latency[str(count)] = _timed(lambda: model(pixels), runs)
-    finally:
-        torch.set_num_threads(before)
-    return latency
+    calls = {}
+    for name in names:
+        if name == MODEL:
+            pixels = to_model_input(torch.from_numpy(sample)).contiguous(memory_format=torch.channels_last)
+
+            def forward(pixels: Any = pixels) -> Any:
+                with torch.inference_mode():
+                    return model(pixels)
+
+            calls[name] = forward
+        else:
+            opened = open_model(str(run_dir / name), threads)
+            tensor = opened.to_input(sample[0])
+            calls[name] = lambda opened=opened, tensor=tensor: opened.invoke(tensor)
+    return calls
 
 
-def _file_latency(path: Path, sample: np.ndarray, threads: list[int], runs: int) -> dict[str, dict[str, float]]:
-    from edgetl.runtime.model import open_model
+class _torch_threads:
+    """PyTorch's intra-op threads set to ``count`` inside the block."""
 
-    latency = {}
-    for count in threads:
-        model = open_model(str(path), count)
-        tensor = model.to_input(sample[0])
-        latency[str(count)] = _timed(lambda model=model, tensor=tensor: model.invoke(tensor), runs)
-    return latency
+    def __init__(self, count: int):
+        self.count = count
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.before)
 
 
 def _accelerator_estimates(run_dir: Path) -> list[dict[str, Any]]:
@@ -184,25 +213,17 @@ def _accelerator_estimates(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _speedups(report: BenchmarkReport) -> None:
-    """Each row's speed-up per thread count against the float baseline (TFLite float32, else PyTorch)."""
-    by_name = {row["artifact"]: row for row in report.rows}
-    base = by_name.get("model_float32.tflite") or by_name.get(MODEL)
-    report.data["speedup_baseline"] = base["artifact"] if base else None
-    for row in report.rows:
-        row["speedup"] = {t: base["latency_ms"][t]["median"] / row["latency_ms"][t]["median"]
-                          for t in row["latency_ms"] if base and t in base["latency_ms"]}  # fmt: skip
-
-
 def benchmark_markdown(report: BenchmarkReport) -> str:
     threads = [str(t) for t in report.threads]
     head = "| model | size | top-1 | agreement | " + " | ".join(f"{t} thread(s): median / p90 ms" for t in threads)
     lines = [
         f"# Benchmark: {report.data.get('count')} images ({report.data.get('source')}), host {report.host}",
         "",
-        f"Single-image latency, {report.runs} timed runs after {WARMUP} warm-up calls per thread count; "
-        f"speed-up against {report.data.get('speedup_baseline')} at the same thread count.",
+        f"Single-image latency, {report.runs} timed runs after {WARMUP} warm-up calls per thread count, the models "
+        f"timed interleaved; speed-up against {report.data.get('speedup_baseline')} at the same thread count "
+        "(median of the per-round ratios).",
         "",
+        *([f"**Warning: {report.data['warning']}.**", ""] if report.data.get("warning") else []),
         head + " |",
         "|---|---|---|---|" + "---|" * len(threads),
     ]
@@ -240,4 +261,6 @@ def devices_markdown(devices: dict[str, Any]) -> list[str]:
                 lines.append(f"| {b.get('bundle')} | {device.get('board')} ({device.get('machine')}) | {software} | "
                              f"{r['threads']} | {r['invoke_ms_median']:.2f} / {r['invoke_ms_p90']:.2f} | "
                              f"{r['frame_ms_median']:.2f} |")  # fmt: skip
+        lines += [f"\n{b.get('bundle')} on {b.get('device', {}).get('board')}: **{b['warning']}.**"
+                  for b in devices["boards"].values() if b.get("warning")]  # fmt: skip
     return lines

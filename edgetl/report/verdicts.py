@@ -122,10 +122,11 @@ def size_and_speed(view: RunView) -> str:
     if not rows:
         return ""
     data = bench.get("data", {})
+    busy = f'<p><span class="badge fail">busy host</span> {esc(data["warning"])}.</p>' if data.get("warning") else ""
     note = (f"<p>On {esc(bench.get('host', 'this host'))}: single-image latency, {esc(bench.get('runs', ''))} timed "
             f"runs per thread count; accuracy on {esc(data.get('count'))} images ({esc(data.get('source'))}); "
             f"speed-up against {esc(data.get('speedup_baseline'))}. From <code>edgetl benchmark</code>.</p>"
-            if bench else
+            + busy if bench else
             '<p class="muted">Latency not measured yet: <code>edgetl benchmark RUN</code>.</p>')  # fmt: skip
     return section("speed", "Size and speed", note + table(head, rows))
 

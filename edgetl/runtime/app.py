@@ -4,7 +4,7 @@
     python3 -m edgetl_runtime BUNDLE --camera 0 [--show] [--save out.mp4]
     python3 -m edgetl_runtime BUNDLE --video clip.mp4
     python3 -m edgetl_runtime model.tflite --labels labels.txt photo.jpg      # third-party model
-    python3 -m edgetl_runtime bench BUNDLE [--threads 1,2,4] [--runs 50] [--data LABELLED_FOLDER]
+    python3 -m edgetl_runtime bench BUNDLE [MORE ...] [--threads 1,2,4] [--runs 50] [--data LABELLED_FOLDER]
     python3 -m edgetl_runtime scores BUNDLE --list images.txt [--inputs crops.npy]   # raw scores, for parity
 
 Exit codes: 0 ok, 1 error, 2 usage, 6 bundle failed verification, 130 interrupted (with a summary).
@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -28,7 +27,7 @@ from .bundle import BundleError, open_bundle
 from .model import DelegateError, open_model
 from .preprocess import PreprocessSpec, prepare
 from .scores import add_arguments as add_score_arguments
-from .scores import device_facts, main_scores
+from .scores import main_scores
 from .sources import SourceError, camera_frames, image_frames, video_frames
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
@@ -224,71 +223,6 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def bench(args: argparse.Namespace) -> int:
-    """Median and p90 of invoke and of the whole frame (preprocess + invoke + postprocess)."""
-    threads = [thread_count(t, "--threads") for t in args.threads.split(",")] if args.threads else [1, 2, 4]
-    rng = np.random.default_rng(0)
-    frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)  # a VGA camera frame
-    rows = []
-    for count in threads:
-        classifier = load_classifier(args.model, count, args.labels, False, args.crop_fraction, args.pixel_range)
-        for _ in range(5):
-            classifier.classify(frame, 5)
-        invoke, whole = [], []
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            _, timings = classifier.classify(frame, 5)
-            whole.append((time.perf_counter() - start) * 1e3)
-            invoke.append(timings["invoke_ms"])
-        rows.append({
-            "threads": count,
-            "invoke_ms_median": float(np.median(invoke)), "invoke_ms_p90": float(np.percentile(invoke, 90)),
-            "frame_ms_median": float(np.median(whole)), "frame_ms_p90": float(np.percentile(whole, 90)),
-            "overhead_fraction": float((np.median(whole) - np.median(invoke)) / np.median(invoke)),
-        })  # fmt: skip
-    result = {"model": args.model, "runs": args.runs, "frame": "640x480 RGB", "results": rows,
-              "device": device_facts()}
-    if args.data:
-        result["accuracy"] = labelled_accuracy(classifier, args.data)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        if args.data:
-            acc = result["accuracy"]
-            print(f"top-1 {100 * acc['top1']:.2f} % on {acc['images']} images of {args.data} "
-                  f"({acc['skipped']} unreadable)")
-        print(f"{'threads':>7} {'invoke median':>14} {'p90':>8} {'frame median':>13} {'p90':>8} {'pre+post':>9}")
-        for r in rows:
-            overhead = 100 * r["overhead_fraction"]
-            print(f"{r['threads']:>7} {r['invoke_ms_median']:>11.2f} ms {r['invoke_ms_p90']:>5.2f} ms "
-                  f"{r['frame_ms_median']:>10.2f} ms {r['frame_ms_p90']:>5.2f} ms {overhead:>8.1f}%")
-    return EXIT_OK
-
-
-def labelled_accuracy(classifier: Classifier, root: str) -> dict[str, Any]:
-    """Top-1 of the device pipeline on a labelled folder ``ROOT/<label>/<images>`` (the labels by name)."""
-    folder = Path(root)
-    if not folder.is_dir():
-        raise RuntimeFailure(f"--data {root} is not a folder")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    unknown = [c for c in classes if c not in classifier.labels]
-    if not classes or unknown:
-        raise RuntimeFailure(f"--data {root}: " + (f"folders that are not labels of the model: {', '.join(unknown)}"
-                                                   if unknown else "no class folders"))  # fmt: skip
-    right = total = skipped = 0
-    for name in classes:
-        for frame in image_frames([str(folder / name)]):
-            if frame.rgb is None:
-                skipped += 1
-                continue
-            top, _ = classifier.classify(frame.rgb, 1)
-            right += top[0]["label"] == name
-            total += 1
-    if total == 0:
-        raise RuntimeFailure(f"--data {root}: no readable images")
-    return {"data": str(root), "images": total, "top1": right / total, "skipped": skipped}
-
-
 class UsageError(Exception):
     """A bad command line (exit 2)."""
 
@@ -301,7 +235,7 @@ class _Parser(argparse.ArgumentParser):
 def parser(prog: str = "edgetl-runtime") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Classify with an edgetl bundle or a .tflite model.")
     p.add_argument("model", help="bundle folder, or a .tflite/.onnx file with --labels")
-    p.add_argument("sources", nargs="*", help="image files or folders")
+    p.add_argument("sources", nargs="*", help="image files or folders (bench: more bundles or models)")
     p.add_argument("--camera", type=int, default=None, help="camera index (V4L2 on a Pi)")
     p.add_argument("--picamera2", action="store_true", help="read the camera with Picamera2")
     p.add_argument("--video", default=None, help="video file")
@@ -330,6 +264,8 @@ def main(argv: list[str] | None = None, prog: str = "edgetl-runtime") -> int:
     try:
         args = parser(prog).parse_intermixed_args(argv[1:] if command else argv)
         if command == "bench":
+            from .bench_command import bench
+
             return bench(args)
         if command == "scores":
             return main_scores(args)

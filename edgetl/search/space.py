@@ -8,7 +8,7 @@ from typing import Any
 
 from edgetl.errors import ConfigError
 
-STRATEGIES = ("auto", "feature-extraction", "partial", "full", "whole")  # auto: feature extraction and whole race in the trial
+STRATEGIES = ("auto", "feature-extraction", "partial", "full", "whole")  # auto races feature extraction, whole
 DEFAULT_WIDTHS = (1.0, 0.5)  # ImageNet weights exist for 1.0 only: 0.5 trains from scratch and must earn its place
 PRETRAINED_WIDTH = 1.0
 LR = (3e-4, 3e-3)  # head learning rate, log-uniform (the default recipe: 1e-3)
