@@ -123,8 +123,9 @@ def job(spec_path: str) -> None:
     started = time.perf_counter()
     result = finetune(spec["data"], run_dir, cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    record = {**{k: spec[k] for k in ("set", "recipe", "seed")}, "val_top1": result.best_val_acc,
-              "test_top1": result.test_acc, "best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+    record = {**{k: spec[k] for k in ("set", "recipe", "seed")}, "torch": torch.__version__,
+              "val_top1": result.best_val_acc, "test_top1": result.test_acc, "best_val_loss": result.best_val_loss,
+              "best_epoch": result.best_epoch,
               "epochs": result.epochs_run, "seconds": round(time.perf_counter() - started, 1),
               "counts": metrics["counts"], "strategy": result.strategy, "history": _history(run_dir),
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
@@ -245,57 +246,75 @@ def report(works: list[Path], tag: str) -> None:
     runs = _load(works)
     sets = sorted({key[0] for key in runs}, key=["sign", "clothing", "hymenoptera"].index)
     order = [*FIXED, "auto-fe-full", "auto-fe-full-whole", DEFAULT_SAME_AS, "auto"]
-    out = {"sets": {}, "machine": machine()}
-    lines = [f"# recipe_bench: {tag}", ""]
+    ran_on = sorted({r.get("gpu") or "CPU" for by_seed in runs.values() for r in by_seed.values()})
+    out = {"sets": {}, "ran_on": ran_on, "report_written_on": machine()}
+    lines = [f"# recipe_bench: {tag}", "",
+             f"Ran on: {', '.join(ran_on)}. ImageNet weights from ../shared; edgetl's defaults (5 head epochs, up to "
+             "10 fine-tune epochs, patience 3, batch 32, 224 px) plus each recipe's settings. Top-1 of the run's best "
+             "epoch (lowest validation loss). 'epochs' counts the run's own epochs, not a race's losing lanes; "
+             "'s per run' is the wall time of the fine-tune (on the GPU: up to 14 runs shared it at once).", ""]
     for name in sets:
         recipes = [r for r in order if (name, r) in runs]
-        seeds = sorted(set.intersection(*(set(runs[(name, r)]) for r in recipes)))
-        first3 = seeds[:3]
-        table = {}
-        for recipe in recipes:
-            records = runs[(name, recipe)]
-            row = {split: {"3": _cell(records, first3, f"{split}_top1"), "all": _cell(records, seeds, f"{split}_top1")}
-                   for split in ("val", "test")}  # fmt: skip
-            row["seconds"] = _mean([records[s]["seconds"] for s in seeds])
-            row["epochs"] = _mean([records[s]["epochs"] for s in seeds])
-            row["used"] = [(records[s].get("strategy") or {}).get("used") for s in seeds]
-            table[recipe] = row
-        default = "auto" if "auto" in table else DEFAULT_SAME_AS
-        verdict = {}
-        for split in ("val", "test"):
-            for n in ("3", "all"):
-                means = [(table[r][split][n]["mean"], r) for r in FIXED if table[r][split][n]["mean"] is not None]
-                mine = table[default][split][n]["mean"]
-                if means and mine is not None:
-                    best = max(means)
-                    verdict[f"{split}_{n}"] = {"best": best[1], "best_mean": best[0], "default_mean": mine,
-                                               "default_minus_best_pp": mine - best[0]}  # fmt: skip
-        out["sets"][name] = {"seeds": seeds, "recipes": table, "default_column": default, "verdict": verdict,
-                             "counts": runs[(name, recipes[0])][seeds[0]].get("counts")}  # fmt: skip
-        counts = out["sets"][name]["counts"] or {}
-        lines += [f"## {name} (train {counts.get('train')}, val {counts.get('val')}, test {counts.get('test')}; "
-                  f"seeds {seeds})", "",
-                  "| recipe | val top-1 per seed | val mean (3 / all) | test top-1 per seed | test mean (3 / all) | "
-                  "epochs | s per run | chose |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for recipe, row in table.items():
-            def fmt(split: str, row: dict = row) -> tuple[str, str]:
-                per = " / ".join(f"{v:.2f}" for v in row[split]["all"]["per_seed"]) or "–"
-                means = [row[split][n]["mean"] for n in ("3", "all")]
-                return per, " / ".join("–" if m is None else f"{m:.2f}" for m in means)
-
-            chose = ", ".join(sorted({u for u in row["used"] if u and u != recipe})) or ""
-            lines.append(f"| {recipe} | {' | '.join(fmt('val'))} | {' | '.join(fmt('test'))} | {row['epochs']:.1f} | "
-                         f"{row['seconds']:.0f} | {chose} |")  # fmt: skip
-        lines.append("")
-        for key, v in verdict.items():
-            lines.append(f"- {key}: default ({default}) {v['default_mean']:.2f} vs best fixed ({v['best']}) "
-                         f"{v['best_mean']:.2f}: {v['default_minus_best_pp']:+.2f} pp")  # fmt: skip
-        lines.append("")
+        # the seeds every recipe ran (the default, if it ran on fewer, is compared on those it has)
+        seeds = sorted(set.intersection(*(set(runs[(name, r)]) for r in recipes if r != "auto" or len(recipes) == 1)))
+        table = {recipe: _row(runs[(name, recipe)], seeds) for recipe in recipes}
+        verdict = _verdict(table)
+        counts = runs[(name, recipes[0])][seeds[0]].get("counts") or {}
+        out["sets"][name] = {"seeds": seeds, "recipes": table, "verdict": verdict, "counts": counts}
+        lines += _set_markdown(name, counts, seeds, table, verdict)
     write_result(f"recipe_bench_{tag}", out, "\n".join(lines) + "\n")
     raw = [{**r, "history": [[h["epoch"], h["phase"], round(h["val_loss"], 5), round(h["val_acc"], 5)]
                              for h in r["history"]]}
            for key in sorted(runs) for _, r in sorted(runs[key].items())]  # fmt: skip
     (RESULTS / f"recipe_bench_{tag}_runs.json").write_text(json.dumps(raw, separators=(",", ":")) + "\n")
+
+
+def _row(records: dict[int, dict], seeds: list[int]) -> dict:
+    """One recipe on one set: top-1 per split over the first 3 seeds and all, seconds, epochs, choices."""
+    row: dict = {split: {"3": _cell(records, seeds[:3], f"{split}_top1"), "all": _cell(records, seeds, f"{split}_top1")}
+                 for split in ("val", "test")}  # fmt: skip
+    ran = [s for s in seeds if s in records]
+    row["seconds"] = _mean([records[s]["seconds"] for s in ran])
+    row["epochs"] = _mean([records[s]["epochs"] for s in ran])
+    row["used"] = [(records[s].get("strategy") or {}).get("used") for s in ran]
+    return row
+
+
+def _verdict(table: dict[str, dict]) -> dict[str, dict]:
+    """The default (``auto``, else the same configuration run by name) against the best fixed recipe."""
+    verdict = {}
+    for split in ("val", "test"):
+        for n in ("3", "all"):
+            means = [(table[r][split][n]["mean"], r) for r in FIXED
+                     if r in table and table[r][split][n]["mean"] is not None]  # fmt: skip
+            have = [r for r in ("auto", DEFAULT_SAME_AS) if r in table and table[r][split][n]["mean"] is not None]
+            if means and have:
+                (best, which), mine = max(means), table[have[0]][split][n]["mean"]
+                verdict[f"{split}_{n}"] = {"best": which, "best_mean": best, "default": have[0],
+                                           "default_mean": mine, "default_minus_best_pp": mine - best}  # fmt: skip
+    return verdict
+
+
+def _set_markdown(name: str, counts: dict, seeds: list[int], table: dict[str, dict],
+                  verdict: dict[str, dict]) -> list[str]:  # fmt: skip
+    lines = [f"## {name} (train {counts.get('train')}, val {counts.get('val')}, test {counts.get('test')}; "
+             f"seeds {seeds})", "",
+             "| recipe | val top-1 per seed | val mean (3 / all) | test top-1 per seed | test mean (3 / all) | "
+             "epochs | s per run | chose |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for recipe, row in table.items():
+        def fmt(split: str, row: dict = row) -> tuple[str, str]:
+            per = " / ".join(f"{v:.2f}" for v in row[split]["all"]["per_seed"]) or "–"
+            means = [row[split][n]["mean"] for n in ("3", "all")]
+            return per, " / ".join("–" if m is None else f"{m:.2f}" for m in means)
+
+        chose = ", ".join(sorted({u for u in row["used"] if u and u != recipe})) or ""
+        lines.append(f"| {recipe} | {' | '.join(fmt('val'))} | {' | '.join(fmt('test'))} | {row['epochs']:.1f} | "
+                     f"{row['seconds']:.0f} | {chose} |")  # fmt: skip
+    lines.append("")
+    for key, v in verdict.items():
+        lines.append(f"- {key}: default ({v['default']}) {v['default_mean']:.2f} vs best fixed ({v['best']}) "
+                     f"{v['best_mean']:.2f}: {v['default_minus_best_pp']:+.2f} pp")  # fmt: skip
+    return [*lines, ""]
 
 
 def main() -> int:
