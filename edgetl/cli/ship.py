@@ -166,6 +166,9 @@ def run_command(bundle: str, args: tuple[str, ...]) -> None:
 def bench_command(bundle: str, args: tuple[str, ...]) -> None:
     """Latency of a bundle or model: invoke and whole frame, per thread count (--threads 1,2,4 --runs N).
 
+    More bundles or models after the first are timed with it, interleaved (round after round, each
+    once), so their figures compare even on a busy host; a busy host is said, not hidden.
+
     With --ssh HOST, on that board: the bundle is copied, its requirements installed in a virtualenv
     there (kept for the next time), and the result recorded in the run the bundle came from
     (benchmark.md/.json, report.html).
