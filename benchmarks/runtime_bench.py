@@ -56,7 +56,7 @@ def main() -> int:
 
     from edgetl.data.cache import load_split
     from edgetl.data.folders import discover
-    from edgetl.runtime.app import load_classifier
+    from edgetl.runtime.classifier import load_classifier
     from edgetl.runtime.model import TFLiteClassifier
     from edgetl.runtime.preprocess import load_image
 

@@ -29,7 +29,7 @@ def report_command(run_dir: str, bundles: tuple[str, ...], as_json: bool) -> Non
 
 
 def _thread_counts(value: str) -> list[int]:
-    from edgetl.runtime.app import too_many_threads
+    from edgetl.runtime.classifier import too_many_threads
 
     try:
         counts = [int(part) for part in value.split(",")]

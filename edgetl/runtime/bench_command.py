@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .app import EXIT_OK, Classifier, RuntimeFailure, load_classifier, thread_count
 from .bench import HostLoad, interleaved_latency, timing_warning
+from .classifier import EXIT_OK, Classifier, RuntimeFailure, load_classifier, thread_count
 from .scores import device_facts
 from .sources import image_frames
 

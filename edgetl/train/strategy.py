@@ -18,9 +18,9 @@
   wins when its loss is within 2 % of the best (it is cheaper and keeps the ImageNet features intact);
   among the others the lowest loss wins.
 
-Why these two (benchmarks/README.md, issues #20 and #30; 4 seeds on three real sets): ``whole``
-matched or beat ``full`` on the sign-language digits (99.30 % against 98.99 % validation top-1) and
-beat it by 2 points on clothing photos (91.40 % against 89.44 %), where a race that also ran ``full``
+Why these two (benchmarks/README.md, issues #20 and #30; three real sets, 4 seeds): ``whole``
+matched or beat ``full`` on the sign-language digits (99.30 % against 98.99 % validation top-1, mean
+of seeds 0-2) and beat it by 2 points on clothing photos (91.40 % against 89.44 %), where a race that also ran ``full``
 chose it once after two epochs and lost 3.2 points on that seed; ``partial`` lost to both every time;
 on ants/bees, close to ImageNet, feature extraction won the race and was the best column.
 
