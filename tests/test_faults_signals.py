@@ -114,3 +114,32 @@ def test_ctrl_c_at_many_moments_of_an_export(toy_run, tmp_path):
         assert errors == ["edgetl: error: interrupted"], where
         assert "Traceback" not in stderr and "Exception ignored" not in stderr, where
         assert_nothing_half_trusted(run)
+
+
+CTRL_C_IN_A_CALLBACK = """
+import os, signal, time, weakref
+from edgetl.cli import edge
+
+edge._watch_sigint()
+class Thing:
+    pass
+thing = Thing()
+ref = weakref.ref(thing, lambda ref: os.kill(os.getpid(), signal.SIGINT) or [0 for _ in range(10000)])
+try:
+    del thing  # the callback runs, Ctrl-C arrives inside it: Python cannot raise it there
+    for _ in range(300):
+        time.sleep(0.01)
+    print("went on")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_inside_a_callback_is_delivered_again_not_printed():
+    """A Ctrl-C that lands in a weakref or GC callback (in the import machinery, in one run of
+    test_ctrl_c_at_many_moments_of_an_export) printed "Exception ignored ... Traceback" and was lost
+    until the command ended; it now reaches the main thread's code, silently."""
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_CALLBACK], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)  # fmt: skip
+    assert done.stdout.strip() == "interrupted", done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr

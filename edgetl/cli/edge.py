@@ -38,7 +38,25 @@ def _watch_sigint() -> Any:
 
     SIGINT_SEEN[0] = False
     signal.signal(signal.SIGINT, on_sigint)
+    _UNRAISABLE_HOOK[0] = sys.unraisablehook
+    sys.unraisablehook = _interrupt_again
     return previous
+
+
+_UNRAISABLE_HOOK: list[Any] = [None]  # the hook _watch_sigint replaced
+
+
+def _interrupt_again(unraisable: Any) -> None:
+    """A Ctrl-C that landed in a callback Python cannot raise from (a weakref or garbage-collector
+    callback, e.g. inside the import machinery) is not printed as "Exception ignored … Traceback": it is
+    delivered again, a moment later, to the main thread's own code. Anything else goes to the usual hook."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        import _thread
+        import threading
+
+        threading.Timer(0.01, _thread.interrupt_main).start()
+        return
+    (_UNRAISABLE_HOOK[0] or sys.__unraisablehook__)(unraisable)
 
 
 def _leave_interrupted() -> None:
@@ -86,6 +104,7 @@ class EdgetlGroup(click.Group):
                 import signal
 
                 signal.signal(signal.SIGINT, previous)
+                sys.unraisablehook = _UNRAISABLE_HOOK[0] or sys.__unraisablehook__
                 SIGINT_SEEN[0] = False  # the flag is about this command (a library caller goes on)
         if code == ExitCode.INTERRUPTED and args is None:
             _leave_interrupted()
