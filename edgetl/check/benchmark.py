@@ -14,9 +14,11 @@ Writes ``benchmark.json`` and ``benchmark.md`` into the run (read by ``report.ht
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,22 +179,17 @@ def _calls(run_dir: Path, names: list[str], model: Any, sample: np.ndarray, thre
     return calls
 
 
-class _torch_threads:
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
     """PyTorch's intra-op threads set to ``count`` inside the block."""
+    import torch
 
-    def __init__(self, count: int):
-        self.count = count
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.count)
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self.before)
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _accelerator_estimates(run_dir: Path) -> list[dict[str, Any]]:
