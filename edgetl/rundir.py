@@ -96,7 +96,7 @@ def run_lock(folder: str | os.PathLike, command: str, wait: float = 0) -> Iterat
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait
-        while not _try_flock(fd):
+        while not try_flock(fd):
             if time.monotonic() >= deadline:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 hint = "wait for it to finish; two commands never write one folder at once"
@@ -114,7 +114,9 @@ def run_lock(folder: str | os.PathLike, command: str, wait: float = 0) -> Iterat
         os.close(fd)  # releases the flock
 
 
-def _try_flock(fd: int) -> bool:
+def try_flock(fd: Any) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` (a descriptor or an open file) without waiting: False when
+    another process holds it. The kernel releases it when the process dies."""
     import fcntl
 
     try:

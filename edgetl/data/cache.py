@@ -41,6 +41,7 @@ from edgetl.data.cache_meta import damaged_rows, meta_problem, row_digest, sampl
 from edgetl.data.decode import LoadedSplit, decoded
 from edgetl.data.folders import Sample
 from edgetl.errors import DataError, first_line, os_error_message, raise_if_interrupted
+from edgetl.rundir import try_flock
 from edgetl.runtime.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -175,20 +176,10 @@ def _entry_lock(root: Path, key: str) -> Iterator[None]:
     except OSError as exc:
         raise _cache_error(exc, root) from None
     with handle:
-        if _try_lock(handle) is False:
+        if try_flock(handle) is False:
             log.info("waiting for another process to finish decoding into %s", root / key)
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
-
-
-def _try_lock(handle: Any) -> bool:
-    import fcntl
-
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _build(root: Path, key: str, samples: list[Sample], size: int, spec: PreprocessSpec, eval_crop: bool,
@@ -336,7 +327,7 @@ def clear(root: str | os.PathLike | None = None, *, only: set[str] | None = None
         key = item["entry"].removeprefix(TMP_PREFIX).split("-")[0]
         lock = root / f"{key}.lock"
         with open(lock, "a+b") as handle:
-            if not _try_lock(handle):
+            if not try_flock(handle):
                 busy.append(item["entry"])
                 continue
             shutil.rmtree(root / item["entry"], ignore_errors=True)
